@@ -1,0 +1,91 @@
+"""The `heed` command: one subcommand per stage, each generated from its config dataclass.
+
+Only the chosen stage's module is imported, so `heed --help` is instant and a
+stage that needs an optional extra does not slow down the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from heed.utils import HeedError
+
+# command words -> (module, config class, function, one-line summary)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "demo": ("heed.demo", "DemoConfig", "run", "the whole pipeline on the embedded world, with a report"),
+    "world make": ("heed.world.cli", "MakeConfig", "make", "write the embedded world's files (corpus, demos, prompts)"),
+    "pretrain": ("heed.algos.pretrain", "PretrainConfig", "run", "train a tokenizer and a causal LM on a text corpus"),
+    "sft": ("heed.algos.sft", "SFTConfig", "run", "supervised fine-tuning on (prompt, response) demonstrations"),
+    "sample": ("heed.generate", "SampleConfig", "run", "batched sampling with a KV cache, to JSONL"),
+    "eval": ("heed.evaluate", "EvalConfig", "run", "gold score, win rate and KL of a policy against a baseline"),
+    "label oracle": ("heed.label_oracle", "OracleLabelConfig", "run", "label sampled responses with the simulated labeler"),
+    "label serve": ("heed.feedback.cli", "ServeConfig", "serve", "the web app where people label responses"),
+    "label add": ("heed.feedback.cli", "AddConfig", "add", "add items to a running app's queue"),
+    "label export": ("heed.feedback.cli", "ExportConfig", "export", "export answers in the formats `heed rm train` reads"),
+    "label user add": ("heed.feedback.cli", "UserAddConfig", "user_add", "add an annotator and print their login token"),
+    "rm train": ("heed.algos.reward", "RewardTrainConfig", "train", "train a reward model (or ensemble) on feedback"),
+    "rm eval": ("heed.algos.reward", "RewardEvalConfig", "evaluate", "accuracy and calibration of a reward model"),
+    "rm score": ("heed.algos.reward", "RewardScoreConfig", "score", "add a reward column to prompt/response rows"),
+    "ppo": ("heed.algos.ppo", "PPOConfig", "run", "PPO against a reward with a KL penalty to the reference"),
+    "dpo": ("heed.algos.dpo", "DPOConfig", "run", "direct preference optimisation on pairs"),
+    "filter": ("heed.algos.rebel", "FilterConfig", "filter_stage", "dedupe, drop over-long, keep best/worst per prompt"),
+    "rebel": ("heed.algos.rebel", "REBELConfig", "run", "REBEL: regress reward differences onto log-ratio differences"),
+    "grpo": ("heed.algos.grpo", "GRPOConfig", "run_grpo", "GRPO: group-normalised advantages, no critic"),
+    "rloo": ("heed.algos.grpo", "RLOOConfig", "run_rloo", "RLOO: leave-one-out baselines, no critic"),
+    "control train": ("heed.control.cli", "ControlTrainConfig", "train", "preference-based RL for a Gymnasium agent"),
+}
+
+
+def available() -> dict[str, tuple[str, str, str, str]]:
+    """The commands whose module is installed (a stage still being built is not listed)."""
+    return {words: spec for words, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
+
+
+def _usage() -> str:
+    lines = ["usage: heed COMMAND [options]   (heed COMMAND --help for its options)", "", "commands:"]
+    cmds = available()
+    width = max(len(w) for w in cmds)
+    lines += [f"  {w:<{width}}  {spec[3]}" for w, spec in cmds.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmds = available()
+    words = None
+    for n in (3, 2, 1):
+        if " ".join(argv[:n]) in cmds:
+            words = " ".join(argv[:n])
+            break
+    if words is None:
+        print(_usage())
+        if not argv or argv[0] in ("-h", "--help"):
+            return 0
+        print(f"\nerror: unknown command {' '.join(argv[:2])!r}", file=sys.stderr)
+        return 2
+    module_name, cls_name, fn_name, summary = cmds[words]
+    module = importlib.import_module(module_name)
+    cls, fn = getattr(module, cls_name), getattr(module, fn_name)
+
+    from heed import config
+
+    parser = argparse.ArgumentParser(prog=f"heed {words}", description=summary)
+    config.add_arguments(parser, cls)
+    ns = parser.parse_args(argv[len(words.split()):])
+    try:
+        cfg = config.from_namespace(cls, ns)
+        fn(cfg)
+    except HeedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
