@@ -41,7 +41,13 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 def available() -> dict[str, tuple[str, str, str, str]]:
     """The commands whose module is installed (a stage still being built is not listed)."""
-    return {words: spec for words, spec in COMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
+    def installed(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its parent package is missing
+            return False
+
+    return {words: spec for words, spec in COMMANDS.items() if installed(spec[0])}
 
 
 def _usage() -> str:
