@@ -53,7 +53,7 @@ def available() -> dict[str, tuple[str, str, str, str]]:
 def _usage() -> str:
     lines = ["usage: heed COMMAND [options]   (heed COMMAND --help for its options)", "", "commands:"]
     cmds = available()
-    width = max(len(w) for w in cmds)
+    width = max((len(w) for w in cmds), default=0)
     lines += [f"  {w:<{width}}  {spec[3]}" for w, spec in cmds.items()]
     return "\n".join(lines)
 
