@@ -1,0 +1,168 @@
+"""Batched sampling with a KV cache, and the `heed sample` stage.
+
+One forward pass over the (left-padded) prompts fills the cache; after that each
+new token costs one single-token forward pass. Log-probabilities are those of
+the chosen tokens under softmax(logits / temperature), *before* top-k / top-p
+filtering: the quantity a policy-gradient update differentiates (as in TRL).
+Rows that have emitted EOS keep receiving PAD, masked out of attention.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from heed.config import option
+from heed.data import read_prompts, write_jsonl
+from heed.models import encode_prompts, load_policy, position_ids
+from heed.utils import progress, seed_everything
+
+
+@dataclass
+class Sample:
+    prompt: str | list
+    response: str
+    response_ids: list[int]    # generated tokens, EOS included when the response ended
+    logprobs: list[float]      # per generated token, under logits / temperature
+    finished: bool             # emitted EOS within max_new_tokens
+    prompt_ids: list[int]
+    index: int = 0             # which of the n samples for this prompt
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits outside the top-k and outside the smallest set with probability >= top_p."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def sample_tokens(model, prompt_ids: Sequence[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None):
+    """Sample continuations of token-id prompts.
+
+    Returns (tokens (B, R) padded with pad_id after EOS, logprobs (B, R) zero on
+    padding, finished (B,) bool).
+    """
+    device = next(model.parameters()).device
+    B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
+    input_ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    attention = torch.zeros((B, P), dtype=torch.long, device=device)
+    for i, p in enumerate(prompt_ids):
+        input_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        attention[i, P - len(p):] = 1
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids(attention),
+                use_cache=True, **extra)
+    next_pos = attention.sum(-1)  # (B,) position of the next token
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()
+        if temperature > 0:
+            scaled = logits / temperature
+            probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:  # greedy
+            scaled = logits
+            token = logits.argmax(-1)
+        logprob = F.log_softmax(scaled, -1).gather(-1, token[:, None]).squeeze(-1)
+        token = token.masked_fill(finished, pad_id)
+        logprobs.append(logprob.masked_fill(finished, 0.0))
+        tokens.append(token)
+        real = ~finished
+        finished = finished | (token == eos_id)
+        if bool(finished.all()):
+            break
+        attention = torch.cat([attention, real.long()[:, None]], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos[:, None],
+                    past_key_values=out.past_key_values, use_cache=True)
+        next_pos = next_pos + real.long()
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1), finished
+
+
+def generate(model, tokenizer, prompts: Sequence, *, n: int = 1, max_new_tokens: int = 64,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
+             max_prompt_len: int = 128, seed: int = 0, desc: str | None = None) -> list[Sample]:
+    """n samples for each prompt, in prompt order (all samples of prompt 0 first)."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    jobs = [(i, j) for i, _ in enumerate(prompts) for j in range(n)]
+    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_len)
+    # Similar lengths together: less padding; results are put back in order below.
+    jobs.sort(key=lambda ij: len(prompt_ids[ij[0]]))
+    results: dict[tuple[int, int], Sample] = {}
+    bar = progress(total=len(jobs), desc=desc or "sampling", disable=desc is None, unit="sample")
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        tokens, logprobs, finished = sample_tokens(
+            model, [prompt_ids[i] for i, _ in chunk], pad_id=tokenizer.pad_token_id,
+            eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, generator=generator)
+        for row, (i, j) in enumerate(chunk):
+            length = int((tokens[row] != tokenizer.pad_token_id).sum()) if not finished[row] else \
+                int((tokens[row] == tokenizer.eos_token_id).nonzero()[0]) + 1
+            ids = tokens[row, :length].tolist()
+            results[(i, j)] = Sample(prompt=prompts[i], response=decode_response(tokenizer, ids),
+                                     response_ids=ids, logprobs=logprobs[row, :length].tolist(),
+                                     finished=bool(finished[row]), prompt_ids=prompt_ids[i], index=j)
+        bar.update(len(chunk))
+    bar.close()
+    model.train(was_training)
+    return [results[(i, j)] for i in range(len(prompts)) for j in range(n)]
+
+
+def decode_response(tokenizer, ids: list[int]) -> str:
+    """Text of a response: special tokens dropped, the leading space of the template removed."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text[1:] if text.startswith(" ") else text
+
+
+# ---------------------------------------------------------------------------
+# `heed sample`
+# ---------------------------------------------------------------------------
+
+@dataclass
+class SampleConfig:
+    model: str = option(help="policy: a local Hugging Face causal-LM directory")
+    prompts: str = option(help="JSONL/Parquet file of rows with a 'prompt' field")
+    out: str = option(help="output JSONL: one row per sample (prompt, response, finished, n_tokens)")
+    n: int = option(1, "samples per prompt")
+    max_new_tokens: int = option(64, "stop after this many tokens if no EOS came")
+    temperature: float = option(1.0, "sampling temperature (0 = greedy)")
+    top_k: int = option(0, "keep only the k most likely tokens (0 = off)")
+    top_p: float = option(1.0, "nucleus sampling: keep the smallest set with this probability (1 = off)")
+    batch_size: int = option(64, "sequences generated together")
+    limit: int = option(0, "use only the first N prompts (0 = all)")
+    seed: int = option(0, "random seed")
+    skip_invalid: bool = option(False, "skip and count malformed prompt rows instead of stopping")
+
+
+def run(cfg: SampleConfig) -> list[dict]:
+    seed_everything(cfg.seed)
+    prompts = read_prompts(cfg.prompts, skip_invalid=cfg.skip_invalid)
+    if cfg.limit:
+        prompts = prompts[:cfg.limit]
+    model, tokenizer = load_policy(cfg.model)
+    samples = generate(model, tokenizer, prompts, n=cfg.n, max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                       batch_size=cfg.batch_size, seed=cfg.seed, desc="sample")
+    rows = [{"prompt": s.prompt, "response": s.response, "finished": s.finished,
+             "n_tokens": len(s.response_ids), "sample": s.index} for s in samples]
+    write_jsonl(cfg.out, rows)
+    print(f"wrote {len(rows)} samples ({len(prompts)} prompts x {cfg.n}) to {Path(cfg.out)}")
+    return rows

@@ -1,0 +1,223 @@
+"""Tokenizers and causal language models: train, build from presets, save, load; batching.
+
+Any local Hugging Face causal-LM directory is accepted wherever a model is
+(`load_policy(path)`): nothing is fetched from a hub.
+
+Batch layout used by every stage (the TRL layout): prompts left-padded,
+responses right-padded, concatenated: `[pad pad p p p | r r r EOS pad]`.
+Position ids are `cumsum(attention_mask) - 1`, so a left-padded prompt gets the
+same positions as an unpadded one (Huang et al. 2023, "N implementation details").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from heed.template import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, format_prompt
+from heed.utils import HeedError
+
+# Model presets sized for a 2-core CPU. `tiny` trains in a minute or two; `small`
+# is the same family at about 12M parameters.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 vocab_size=1024, max_position_embeddings=256),
+    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                  vocab_size=4096, max_position_embeddings=512),
+}
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path | None = None):
+    """Byte-level BPE (GPT-2 style) trained on `texts`, wrapped as a HF fast tokenizer.
+
+    PAD is its own token, distinct from EOS, so masks never hide a real end of text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD_TOKEN, EOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                 bos_token=None, padding_side="left")
+    hf.chat_template = CHAT_TEMPLATE
+    if out_dir is not None:
+        hf.save_pretrained(out_dir)
+    return hf
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.eos_token_id is None:
+        raise HeedError(f"{path}: tokenizer has no EOS token")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # A separate pad token keeps "the response ended" distinguishable from padding.
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    tok.padding_side = "left"
+    return tok
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+def build_model(preset: str, tokenizer):
+    """A fresh Llama-architecture causal LM from a named preset, dropout off."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if preset not in PRESETS:
+        raise HeedError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    p = dict(PRESETS[preset])
+    p["vocab_size"] = len(tokenizer)
+    config = LlamaConfig(**p, num_key_value_heads=p["num_attention_heads"], tie_word_embeddings=True,
+                         attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config)
+
+
+def load_policy(path: str | Path, *, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a local HF directory; dropout off (eval mode) for RL stability."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise HeedError(f"{path}: not a model directory (no config.json); train one with `heed pretrain`")
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    disable_dropout(model)
+    return model, tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout makes log-probs of the same tokens differ between passes; RLHF turns it off."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def save_model(model, tokenizer, out_dir: str | Path, **extra_json) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if extra_json:
+        (out_dir / "heed.json").write_text(json.dumps(extra_json, indent=2))
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_reward_model(path: str | Path):
+    """A saved reward model (or ensemble) directory; see heed.reward_model."""
+    from heed.reward_model import RewardModel
+
+    return RewardModel.load(path)
+
+
+# ---------------------------------------------------------------------------
+# Batches: left-padded prompts + right-padded responses
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # (B, T)
+    attention_mask: torch.Tensor  # (B, T) 1 for real tokens
+    response_mask: torch.Tensor   # (B, T) 1 for response tokens (incl. EOS); loss/KL live here
+    prompt_len: int               # P: responses start at column P
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
+                     self.response_mask.to(device), self.prompt_len)
+
+
+def encode_prompts(tokenizer, prompts: Sequence, max_len: int) -> list[list[int]]:
+    """Token ids of each formatted prompt; long prompts keep their end (the question)."""
+    ids = tokenizer([format_prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
+    return [x[-max_len:] for x in ids]
+
+
+def encode_responses(tokenizer, responses: Sequence[str], max_len: int, *, add_eos: bool = True) -> list[list[int]]:
+    """Token ids of " " + response (+ EOS), truncated to max_len (truncated ones lose their EOS)."""
+    ids = tokenizer([" " + r for r in responses], add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if add_eos else []
+    return [(x + eos)[:max_len] for x in ids]
+
+
+def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> Batch:
+    """Left-pad prompts, right-pad responses, concatenate."""
+    B = len(prompt_ids)
+    P = max(len(p) for p in prompt_ids)
+    R = max(1, max(len(r) for r in response_ids))
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, P + R), dtype=torch.long)
+    response_mask = torch.zeros((B, P + R), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        attention[i, P - len(p):P] = 1
+        if r:
+            input_ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
+            attention[i, P:P + len(r)] = 1
+            response_mask[i, P:P + len(r)] = 1
+    return Batch(input_ids, attention, response_mask, P)
+
+
+def make_batch(tokenizer, prompts: Sequence, responses: Sequence[str], *, max_prompt_len: int = 128,
+               max_response_len: int = 128, add_eos: bool = True) -> Batch:
+    return collate(encode_prompts(tokenizer, prompts, max_prompt_len),
+                   encode_responses(tokenizer, responses, max_response_len, add_eos=add_eos),
+                   tokenizer.pad_token_id)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: the first real token is position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (B, T, d) of a causal LM's trunk, with padding-aware positions."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids(attention_mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def token_logprobs(model, batch: Batch, *, temperature: float = 1.0, hidden: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Log-probabilities (B, T) of each token given the ones before it (column 0 is 0).
+
+    Logits are divided by the sampling temperature, so these match the sampler's
+    log-probs. Only the chosen tokens' log-probs are kept: the (B, T, V) logits are
+    freed right away, chunk by chunk over the batch.
+    """
+    if hidden is None:
+        hidden = forward_hidden(model, batch.input_ids, batch.attention_mask)
+    head = model.get_output_embeddings()
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    for i in range(0, hidden.shape[0], 8):  # bounded memory for the (b, T, V) logits
+        logits = head(hidden[i:i + 8, :-1]).float() / temperature
+        targets = batch.input_ids[i:i + 8, 1:]
+        out[i:i + 8, 1:] = torch.gather(F.log_softmax(logits, -1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index (B,) of the last real token in each row (rewards are read there)."""
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return (idx * attention_mask.long()).argmax(-1)
