@@ -1,0 +1,31 @@
+"""`heed world make`: write the embedded world's files into a directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from heed.config import option
+from heed.utils import HeedError
+
+
+@dataclass
+class MakeConfig:
+    out: str = option(help="directory to write corpus.jsonl, demos.jsonl, prompts_*.jsonl and kb.json into")
+    seed: int = option(0, "seed for the train/held-out split and all sampling (the KB itself is fixed)")
+    n_corpus: int = option(8000, "pretraining documents (about 155 characters each: 8000 make about 1.2M characters)")
+    n_demos: int = option(400, "good demonstrations for SFT")
+    n_train_prompts: int = option(2000, "prompts for RL and labeling")
+    n_heldout_prompts: int = option(600, "held-out prompts for evaluation, never seen in training")
+
+
+def make(cfg: MakeConfig) -> dict[str, int]:
+    from heed.world.world import write_world
+
+    try:
+        summary = write_world(cfg.out, cfg.seed, n_corpus=cfg.n_corpus, n_demos=cfg.n_demos,
+                              n_train_prompts=cfg.n_train_prompts, n_heldout_prompts=cfg.n_heldout_prompts)
+    except ValueError as e:  # more prompts asked for than the world has
+        raise HeedError(str(e)) from None
+    print(f"wrote the world (seed {cfg.seed}) to {cfg.out}: "
+          + ", ".join(f"{v:,} {k}" for k, v in summary.items()))
+    return summary
