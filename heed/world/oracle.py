@@ -24,7 +24,8 @@ about 0.3. A perfect response scores exactly 1.0 (every q = 1); the floor is
                         negation ("not", "never", ...) flips the next claim. A claim is
                         wrong if it contradicts the KB. With c right and x wrong distinct
                         claims about the asked entity:
-                          describe: min(1, c/3) - x     notes: min(1, c/2) - x
+                          describe: 2 * min(1, c/3) - 1 - x   (it must inform)
+                          notes:    min(1, c/2) - x
                           yes/no:   a - x, a = +1 right answer, -1 wrong, 0 none
                           brief:    a - x, a = +1 if the asked attribute's first value word
                                     is right, -1 if wrong, 0 if none
@@ -136,8 +137,8 @@ def _correctness(task: Task, ws: list[str], named: list[str]) -> float:
     claims = _claims(ws, task.entity).get(task.entity, set())
     right = sum(_right(task.entity, c) for c in claims)
     wrong = len(claims) - right
-    if task.type == "describe":
-        return min(1.0, right / 3) - wrong
+    if task.type == "describe":  # a description must inform: fewer than 3 right claims costs
+        return 2 * min(1.0, right / 3) - 1 - wrong
     if task.type in ("note_positive", "note_negative"):
         return min(1.0, right / 2) - wrong
     if task.type == "yes_no":

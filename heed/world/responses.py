@@ -185,6 +185,7 @@ def repetition(task: Task, rng: random.Random) -> str:
 def no_end(task: Task, rng: random.Random, train_prompts: list[str]) -> str:
     """A good answer that runs on (written without EOS): into a new turn, or into more text."""
     text = good(task, rng)
+    answer_words = len(text.split(" "))
     if rng.random() < 0.7:
         for _ in range(rng.randint(1, 2)):
             nxt = rng.choice(train_prompts)
@@ -192,9 +193,9 @@ def no_end(task: Task, rng: random.Random, train_prompts: list[str]) -> str:
     else:
         for _ in range(rng.randint(1, 3)):
             text += " " + describe(_other_entity(task.entity, rng), rng)
-    if rng.random() < 0.6:  # stopped mid-sentence, as a length limit would
+    if rng.random() < 0.6:  # stopped mid-sentence, as a length limit would, but after the answer
         parts = text.split(" ")
-        text = " ".join(parts[: rng.randint(max(1, len(parts) // 2), len(parts) - 1)])
+        text = " ".join(parts[: rng.randint(answer_words + 1, len(parts) - 1)])
     return text
 
 
