@@ -23,7 +23,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-from heed.world.kb import ATTRIBUTES, ENTITIES, PLURALS, members
+from heed.world.kb import ATTRIBUTES, BY_NAME, ENTITIES, PLURALS, members
 
 TASK_TYPES = ("describe", "list", "note_positive", "note_negative", "yes_no", "brief")
 ENTITY_TASKS = ("describe", "note_positive", "note_negative", "yes_no", "brief")
@@ -169,18 +169,36 @@ def split_groups(seed: int) -> tuple[list[str], list[str]]:
     return train, heldout
 
 
+# Sampling strata: the task types, with yes/no split by its true answer. Most yes/no
+# prompts in the universe are "no" (one true colour, five false), and a policy
+# should not earn its reward by always saying "No.".
+STRATA = ("describe", "list", "note_positive", "note_negative", "yes_no:yes", "yes_no:no", "brief")
+
+
+def stratum(task: Task) -> str:
+    if task.type != "yes_no":
+        return task.type
+    return "yes_no:yes" if BY_NAME[task.entity].get(task.attribute) == task.value else "yes_no:no"
+
+
+def by_stratum(pool: list[str]) -> dict[str, list[str]]:
+    """The pool's prompts per stratum, in pool order."""
+    out: dict[str, list[str]] = {s: [] for s in STRATA}
+    for text in pool:
+        out[stratum(universe()[text])].append(text)
+    return out
+
+
 def sample_balanced(pool: list[str], n: int, rng: random.Random) -> list[str]:
-    """n distinct prompts, taking task types in turn so small types (describe, list) are not swamped."""
+    """n distinct prompts, taking strata in turn so small ones (describe, list, yes) are not swamped."""
     if n > len(pool):
         raise ValueError(f"asked for {n} prompts but only {len(pool)} are available")
-    by_type: dict[str, list[str]] = {t: [] for t in TASK_TYPES}
-    for text in pool:
-        by_type[universe()[text].type].append(text)
-    for texts in by_type.values():
+    strata = by_stratum(pool)
+    for texts in strata.values():
         rng.shuffle(texts)
     chosen: list[str] = []
     while len(chosen) < n:
-        for texts in by_type.values():
+        for texts in strata.values():
             if texts and len(chosen) < n:
                 chosen.append(texts.pop())
     rng.shuffle(chosen)

@@ -25,7 +25,7 @@ from pathlib import Path
 from heed.template import EOS_TOKEN, format_transcript
 from heed.world.kb import ENTITIES, Entity, kb_json
 from heed.world.responses import describe, good, respond
-from heed.world.tasks import TASK_TYPES, list_tasks, sample_balanced, split_groups, universe
+from heed.world.tasks import by_stratum, list_tasks, sample_balanced, split_groups, universe
 
 CORPUS_SHARES = {
     "good": 0.28, "off_topic": 0.09, "wrong_facts": 0.11, "wrong_tone": 0.09, "rambling": 0.09,
@@ -81,9 +81,9 @@ class World:
     def corpus_records(self) -> list[dict]:
         """Corpus documents with how they were made: {"text", "behaviour", "prompt", "response"}."""
         rng = self._rng("corpus")
-        by_type: dict[str, list[str]] = {t: [] for t in TASK_TYPES}
-        for p in self.train_pool:
-            by_type[universe()[p].type].append(p)
+        strata = by_stratum(self.train_pool)
+        # Task types equally often; yes/no prompts half with answer yes, half no.
+        types = ("describe", "list", "note_positive", "note_negative", "yes_no", "brief")
         behaviours, shares = zip(*CORPUS_SHARES.items())
         records = []
         for behaviour in rng.choices(behaviours, weights=shares, k=self.n_corpus):
@@ -91,7 +91,10 @@ class World:
                 records.append({"text": _facts_document(rng) + EOS_TOKEN, "behaviour": "facts",
                                 "prompt": None, "response": None})
                 continue
-            prompt = rng.choice(by_type[rng.choice(TASK_TYPES)])
+            task_type = rng.choice(types)
+            if task_type == "yes_no":
+                task_type = rng.choice(("yes_no:yes", "yes_no:no"))
+            prompt = rng.choice(strata[task_type])
             response = respond(universe()[prompt], behaviour, rng, self.train_pool)
             text = format_transcript(prompt, response, end=behaviour != "no_end")
             records.append({"text": text, "behaviour": behaviour, "prompt": prompt, "response": response})
