@@ -1,0 +1,171 @@
+"""`heed label serve | add | export | user add`: the labelling app from the command line.
+
+    heed label user add --db labels.db --name ana --admin     # prints ana's login token
+    heed label serve --db labels.db --queue items.jsonl --guidelines guide.md
+    heed label add --db labels.db --queue more.jsonl          # while the server runs
+    heed label export --db labels.db --out pairs.jsonl --kind pairs
+
+The queue file is JSONL, one item per line:
+    {"id": "optional", "prompt": "...", "responses": ["...", "..."], "kind": "pair",
+     "overlap": 1, "meta": {}}
+with `kind` one of pair (2 responses), ranking (2-9), thumbs (1), rating (1); a
+response may be {"media": "clip.gif"} (png, gif, webp, jpg, mp4, webm; a relative
+path is relative to the queue file).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from heed.config import option
+from heed.data import read_rows, write_jsonl
+from heed.utils import HeedError
+
+EXPORT_CHOICES = ("pairs", "rankings", "thumbs", "ratings")
+
+
+def read_queue(path: str | Path, *, overlap: int = 1, skip_invalid: bool = False) -> list[dict]:
+    """Items from a queue file, each validated; a bad row names its line and field."""
+    from heed.feedback.store import parse_item
+
+    path = Path(path)
+    return read_rows(path, lambda row: parse_item(row, base_dir=path.resolve().parent, default_overlap=overlap),
+                     skip_invalid=skip_invalid, what="items")
+
+
+def _add_queue(store, queue: str, overlap: int, skip_invalid: bool) -> tuple[int, int]:
+    """(items in the file, items newly added)."""
+    parsed = read_queue(queue, overlap=overlap, skip_invalid=skip_invalid)
+    before = store.overview()["total"]
+    store.add_items(parsed, default_overlap=overlap)
+    return len(parsed), store.overview()["total"] - before
+
+
+@dataclass
+class ServeConfig:
+    db: str = option(help="database: a SQLite file path, or an SQLAlchemy URL such as postgresql://...")
+    queue: str | None = option(None, "JSONL file of items to add at start (items already stored are kept as they are)")
+    host: str = option("127.0.0.1", "address to listen on; keep the loopback default unless behind an HTTPS proxy")
+    port: int = option(8000, "port to listen on")
+    guidelines: str | None = option(None, "Markdown file with the labelling guidelines, shown to annotators")
+    reward_model: str | None = option(None, "reward-model ensemble directory: serve items it disagrees on first")
+    overlap: int = option(1, "independent answers wanted per item, for items that do not say")
+    skip_invalid: bool = option(False, "skip invalid queue rows (counted) instead of stopping at the first")
+    claim_minutes: float = option(15.0, "minutes an item shown to someone stays reserved for them")
+    max_body_kb: int = option(64, "largest request body accepted, in KiB")
+    secure_cookies: bool = option(False, "mark cookies Secure (set this when serving through HTTPS)")
+
+
+def serve(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    from heed.feedback.app import create_app
+    from heed.feedback.store import Store
+
+    store = Store(cfg.db, claim_seconds=cfg.claim_minutes * 60)
+    if cfg.queue:
+        n, added = _add_queue(store, cfg.queue, cfg.overlap, cfg.skip_invalid)
+        print(f"{cfg.queue}: {n} items, {added} new")
+    guidelines = None
+    if cfg.guidelines:
+        path = Path(cfg.guidelines)
+        if not path.is_file():
+            raise HeedError(f"{path}: guidelines file not found")
+        guidelines = path.read_text(encoding="utf-8")
+    scorer = None
+    if cfg.reward_model:
+        scorer = _start_active_selection(store, cfg.reward_model)
+    app = create_app(store, guidelines=guidelines, reward_model_name=cfg.reward_model, scorer=scorer,
+                     secure_cookies=cfg.secure_cookies, max_body=cfg.max_body_kb * 1024)
+    overview = store.overview()
+    print(f"heed label: {overview['total']} items ({overview['complete']} complete), "
+          f"{len(overview['annotators'])} annotators; serving http://{cfg.host}:{cfg.port}/login")
+    if not overview["annotators"]:
+        print(f"no annotators yet: heed label user add --db {cfg.db} --name NAME [--admin]")
+    if not _is_loopback(cfg.host):
+        print("warning: listening beyond this machine; put HTTPS in front and pass --secure-cookies", file=sys.stderr)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _start_active_selection(store, path: str):
+    """Score the queue with the ensemble now, then keep scoring new items in the background."""
+    from heed.feedback.active import Scorer, score_pending
+
+    if not Path(path).is_dir():
+        raise HeedError(f"{path}: reward model directory not found")
+    try:
+        from heed.models import load_reward_model
+
+        rm = load_reward_model(path)
+    except ImportError as e:  # the reward-model code is an optional part of an install
+        raise HeedError(f"--reward-model needs heed's reward-model code, which failed to import: {e}") from None
+    n = score_pending(store, rm, show_progress=True)
+    print(f"active selection: scored {n} items with {path}")
+    scorer = Scorer(store, rm)
+    scorer.start()
+    return scorer
+
+
+@dataclass
+class AddConfig:
+    db: str = option(help="database the server uses (SQLite path or SQLAlchemy URL)")
+    queue: str = option(help="JSONL file of items to append to the queue")
+    overlap: int = option(1, "independent answers wanted per item, for items that do not say")
+    skip_invalid: bool = option(False, "skip invalid rows (counted) instead of stopping at the first")
+
+
+def add(cfg: AddConfig) -> None:
+    from heed.feedback.store import Store
+
+    store = Store(cfg.db)
+    n, added = _add_queue(store, cfg.queue, cfg.overlap, cfg.skip_invalid)
+    print(f"{cfg.queue}: {n} items, {added} new, {n - added} already queued")
+
+
+@dataclass
+class ExportConfig:
+    db: str = option(help="database to export from (SQLite path or SQLAlchemy URL)")
+    out: str = option(help="JSONL file to write")
+    kind: str = option("pairs", "which answers to export", choices=EXPORT_CHOICES)
+    majority: bool = option(False, "one row per item by majority (Borda for rankings, median for ratings) "
+                                   "instead of one row per answer")
+
+
+def export(cfg: ExportConfig) -> None:
+    from heed.feedback.export import export_store
+    from heed.feedback.store import Store
+
+    if cfg.kind not in EXPORT_CHOICES:
+        raise HeedError(f"--kind must be one of {', '.join(EXPORT_CHOICES)}")
+    if "://" not in cfg.db and not Path(cfg.db).is_file():
+        raise HeedError(f"{cfg.db}: database not found")
+    rows = export_store(Store(cfg.db), cfg.kind, majority=cfg.majority)
+    write_jsonl(cfg.out, rows)
+    print(f"wrote {len(rows)} {cfg.kind} rows to {cfg.out}")
+
+
+@dataclass
+class UserAddConfig:
+    db: str = option(help="database the server uses (SQLite path or SQLAlchemy URL)")
+    name: str = option(help="annotator name: letters, digits, . _ @ -")
+    admin: bool = option(False, "may see the admin page and export")
+    reset_token: bool = option(False, "the annotator exists: issue a new token (the old one stops working)")
+
+
+def user_add(cfg: UserAddConfig) -> None:
+    from heed.feedback.store import Store
+
+    token = Store(cfg.db).add_user(cfg.name, admin=cfg.admin, reset=cfg.reset_token)
+    print(f"{'admin' if cfg.admin else 'annotator'} {cfg.name!r}: log in with the token below "
+          "(shown once; it is stored only as a hash)", file=sys.stderr)
+    print(token)
