@@ -94,6 +94,8 @@ def test_relevance_rewards_the_asked_entity():
     rel = [score_breakdown(DESCRIBE, r)["relevance"] for r in (GOOD_DESCRIPTION, both, about_other)]
     assert rel[0] > rel[1] > rel[2]
     assert score(DESCRIBE, about_other) < score(DESCRIBE, GOOD_DESCRIPTION)
+    possessive = f"The {E.name}'s colour is {E.colour}. It is a {E.size} {E.kind} from the {E.home}."
+    assert score_breakdown(DESCRIBE, possessive)["relevance"] == rel[0]
     # lists: naming more of the members is more relevant
     task = next(t for t in universe().values() if t.type == "list" and len(t.members) >= 4)
     prompt = next(p for p, t in universe().items() if t == task)
@@ -129,6 +131,8 @@ def test_tone_matches_the_request():
     cold = f"The {E.name} is an ugly {E.kind}. I hate its {E.colour} colour."
     t = [score_breakdown(kind, r)["tone"] for r in (warm, flat, cold)]
     assert t[0] > t[1] > t[2]
+    spam = f"The {E.name} is a lovely lovely {E.kind}. Its colour is {E.colour}."
+    assert score_breakdown(kind, spam)["tone"] < t[0]  # one kind word said twice is not two
     assert score_breakdown(harsh, cold)["tone"] > score_breakdown(harsh, flat)["tone"] > score_breakdown(harsh, warm)["tone"]
     # neutral tasks: harsh words are penalised
     rude = GOOD_DESCRIPTION + " What a dull and stupid question."

@@ -55,12 +55,12 @@ NEGATIONS = frozenset({"not", "never", "isn't", "doesn't", "don't", "aren't", "c
 ROLE_MARKER = re.compile(r"\b(?:User|Assistant|System)\s*:")
 EOS_TEXT = EOS_TOKEN
 
-_WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
+_WORD = re.compile(r"[A-Za-z]+(?:'t)?")  # "isn't" is one word; "Tigu's" is "tigu" + "s"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased words ("isn't" stays one word)."""
+    """Lower-cased words."""
     return [w.lower() for w in _WORD.findall(text)]
 
 

@@ -30,9 +30,10 @@ about 0.3. A perfect response scores exactly 1.0 (every q = 1); the floor is
                           brief:    a - x, a = +1 if the asked attribute's first value word
                                     is right, -1 if wrong, 0 if none
                           list:     2 * precision - 1 over the entities named (0 if none)
-  tone          0.15    p positive and h harsh words (closed lists in lexicon.py):
-                          positive note: (min(p, 2) - 2h) / 2
-                          negative note: (min(h, 2) - 2p) / 2
+  tone          0.15    p positive and h harsh words (closed lists in lexicon.py), p' and h'
+                        the distinct ones:
+                          positive note: (min(p', 2) - 2h) / 2
+                          negative note: (min(h', 2) - 2p) / 2
                           other tasks:   1 - h  (harsh words are rude in a neutral answer)
   length        0.15    n words against the task's range [lo, hi]:
                           describe [6, 25], notes [6, 25], yes/no [1, 16], brief [1, 2],
@@ -154,12 +155,13 @@ def _correctness(task: Task, ws: list[str], named: list[str]) -> float:
 
 
 def _tone(task: Task, ws: list[str]) -> float:
+    # Rewards count distinct words (saying "lovely" twice is not kinder); penalties count every use.
     p = sum(w in POSITIVE_WORDS for w in ws)
     h = sum(w in HARSH_WORDS for w in ws)
     if task.type == "note_positive":
-        return (min(p, 2) - 2 * h) / 2
+        return (min(len(POSITIVE_WORDS.intersection(ws)), 2) - 2 * h) / 2
     if task.type == "note_negative":
-        return (min(h, 2) - 2 * p) / 2
+        return (min(len(HARSH_WORDS.intersection(ws)), 2) - 2 * p) / 2
     return 1.0 - h
 
 
