@@ -25,7 +25,7 @@ from pathlib import Path
 from heed.template import EOS_TOKEN, format_transcript
 from heed.world.kb import ENTITIES, Entity, kb_json
 from heed.world.responses import describe, good, respond
-from heed.world.tasks import by_stratum, list_tasks, sample_balanced, split_groups, universe
+from heed.world.tasks import TASK_TYPES, by_stratum, list_tasks, sample_balanced, split_groups, universe
 
 CORPUS_SHARES = {
     "good": 0.28, "off_topic": 0.09, "wrong_facts": 0.11, "wrong_tone": 0.09, "rambling": 0.09,
@@ -72,7 +72,7 @@ class World:
 
     @cached_property
     def demos(self) -> list[dict]:
-        """Good (prompt, response) pairs on distinct prompts, task types in equal turns."""
+        """Good (prompt, response) pairs on distinct prompts, strata in equal turns (tasks.STRATA)."""
         rng = self._rng("demos")
         prompts = sample_balanced(self.train_pool, self.n_demos, rng)
         return [{"prompt": p, "response": good(universe()[p], rng)} for p in prompts]
@@ -82,8 +82,6 @@ class World:
         """Corpus documents with how they were made: {"text", "behaviour", "prompt", "response"}."""
         rng = self._rng("corpus")
         strata = by_stratum(self.train_pool)
-        # Task types equally often; yes/no prompts half with answer yes, half no.
-        types = ("describe", "list", "note_positive", "note_negative", "yes_no", "brief")
         behaviours, shares = zip(*CORPUS_SHARES.items())
         records = []
         for behaviour in rng.choices(behaviours, weights=shares, k=self.n_corpus):
@@ -91,7 +89,7 @@ class World:
                 records.append({"text": _facts_document(rng) + EOS_TOKEN, "behaviour": "facts",
                                 "prompt": None, "response": None})
                 continue
-            task_type = rng.choice(types)
+            task_type = rng.choice(TASK_TYPES)  # equally often; yes/no half yes, half no
             if task_type == "yes_no":
                 task_type = rng.choice(("yes_no:yes", "yes_no:no"))
             prompt = rng.choice(strata[task_type])
