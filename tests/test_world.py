@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
+import subprocess
+import sys
 
 import pytest
 
@@ -49,6 +52,14 @@ def test_same_seed_same_files_other_seed_other_corpus(tmp_path):
     assert a == b
     assert a["corpus.jsonl"] != c["corpus.jsonl"]
     assert a["kb.json"] == c["kb.json"]  # the KB is fixed; the seed changes sampling only
+
+
+def test_files_do_not_depend_on_the_hash_seed(tmp_path):
+    code = ("import hashlib, sys; from heed.world import World; w = World(0, n_corpus=300); "
+            "print(hashlib.sha256(repr((w.corpus, w.demos, w.train_prompts, w.heldout_prompts)).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2)}
+    assert len(digests) == 1
 
 
 def test_heldout_prompts_never_seen_in_training(world):
