@@ -27,8 +27,9 @@ about 0.3. A perfect response scores exactly 1.0 (every q = 1); the floor is
                           describe: 2 * min(1, c/3) - 1 - x   (it must inform)
                           notes:    min(1, c/2) - x
                           yes/no:   a - x, a = +1 right answer, -1 wrong, 0 none
-                          brief:    a - x, a = +1 if the asked attribute's first value word
-                                    is right, -1 if wrong, 0 if none
+                          brief:    a - x', a = +1 if the asked attribute's first value word
+                                    is right, -1 if wrong, 0 if none; x' wrong claims about
+                                    the other attributes
                           list:     2 * precision - 1 over the entities named (0 if none)
   tone          0.15    p positive and h harsh words (closed lists in lexicon.py), p' and h'
                         the distinct ones:
