@@ -40,7 +40,8 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}System: {% elif m['role'] == 'user' %}User: {% else %}Assistant: {% endif %}"
     "{{ m['content'] }}{% if m['role'] == 'assistant' %}" + EOS_TOKEN + "{% endif %}"
-    "{% if not loop.last %}\n{% endif %}"
+    # newlines as expressions: HF renders templates with trim_blocks, which eats a newline after a tag
+    "{% if not loop.last %}{{ '\\n' }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}\nAssistant:{% endif %}"
+    "{% if add_generation_prompt %}{{ '\\nAssistant:' }}{% endif %}"
 )

@@ -1,0 +1,78 @@
+"""Tokenizer, batching and sampling: the details that make log-probs right."""
+
+from __future__ import annotations
+
+import torch
+
+from heed.algos.sft import build_examples
+from heed.generate import generate
+from heed.models import collate, load_policy, load_tokenizer, make_batch, token_logprobs, train_tokenizer
+from heed.template import EOS_TOKEN, format_transcript
+
+
+def test_tokenizer_round_trip_and_special_tokens(tmp_path):
+    texts = [format_transcript("Describe the Tarvo.", "The Tarvo is a small red bird.")] * 20 + \
+        ["Odd bytes: caf\u00e9 \u2603 tabs\tand\nnewlines"] * 5
+    tok = train_tokenizer(texts, 400, tmp_path)
+    assert tok.pad_token_id != tok.eos_token_id
+    loaded = load_tokenizer(tmp_path)
+    for text in texts[::5] + ["never seen: \u00fcber zebra 42"]:
+        ids = loaded(text, add_special_tokens=False)["input_ids"]
+        assert loaded.decode(ids) == text  # byte-level: lossless on any text
+    ids = loaded(texts[0], add_special_tokens=False)["input_ids"]
+    assert ids[-1] == loaded.eos_token_id and loaded.convert_ids_to_tokens(ids[-1]) == EOS_TOKEN
+    # The chat template renders messages exactly like the plain template.
+    rendered = loaded.apply_chat_template([{"role": "user", "content": "Describe the Tarvo."}],
+                                          tokenize=False, add_generation_prompt=True)
+    assert rendered == "User: Describe the Tarvo.\nAssistant:"
+
+
+def test_prompt_and_response_tokenised_separately_match_whole_text(tiny_base):
+    _, tok = load_policy(tiny_base)
+    batch = make_batch(tok, ["Describe the Buba."], ["The Buba is a small black fish."])
+    whole = tok(format_transcript("Describe the Buba.", "The Buba is a small black fish."),
+                add_special_tokens=False)["input_ids"]
+    assert batch.input_ids[0][batch.attention_mask[0].bool()].tolist() == whole
+
+
+def test_sft_masks_prompt_tokens(tiny_base):
+    _, tok = load_policy(tiny_base)
+    (ex,) = build_examples(tok, [{"prompt": "Is the Febo black?", "response": "Yes."}], 96, 96)
+    n_prompt = len(tok("User: Is the Febo black?\nAssistant:", add_special_tokens=False)["input_ids"])
+    assert ex.loss_mask[:n_prompt] == [0] * n_prompt
+    assert all(ex.loss_mask[n_prompt:]) and ex.input_ids[-1] == tok.eos_token_id
+
+
+def test_left_padding_does_not_change_logprobs(tiny_base):
+    model, tok = load_policy(tiny_base)
+    short = make_batch(tok, ["Is the Febo black?"], ["Yes, the Febo is black."])
+    padded = make_batch(tok, ["Is the Febo black?", "Write a short note praising the Buba, please, now."],
+                        ["Yes, the Febo is black.", "What a great fish."])
+    with torch.no_grad():
+        a = token_logprobs(model, short)[0][short.response_mask[0].bool()]
+        b = token_logprobs(model, padded)[0][padded.response_mask[0].bool()]
+    assert padded.prompt_len > short.prompt_len  # the first row really is left-padded
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_sampler_logprobs_equal_forward_pass(tiny_base):
+    model, tok = load_policy(tiny_base)
+    prompts = ["Describe the Buba.", "Is the Febo black?", "List the black robots."]
+    samples = generate(model, tok, prompts, n=2, max_new_tokens=24, temperature=0.8, top_k=40, seed=3)
+    assert len(samples) == 6 and [s.prompt for s in samples[:2]] == [prompts[0]] * 2
+    batch = collate([s.prompt_ids for s in samples], [s.response_ids for s in samples], tok.pad_token_id)
+    with torch.no_grad():
+        lp = token_logprobs(model, batch, temperature=0.8)
+    for i, s in enumerate(samples):
+        got = lp[i, batch.prompt_len:batch.prompt_len + len(s.response_ids)]
+        torch.testing.assert_close(got, torch.tensor(s.logprobs), atol=1e-4, rtol=1e-4)
+        assert s.finished == (s.response_ids[-1] == tok.eos_token_id)
+
+
+def test_sampling_is_seeded(tiny_base):
+    model, tok = load_policy(tiny_base)
+    a = generate(model, tok, ["Describe the Buba."] * 3, max_new_tokens=16, seed=7)
+    b = generate(model, tok, ["Describe the Buba."] * 3, max_new_tokens=16, seed=7)
+    assert [s.response_ids for s in a] == [s.response_ids for s in b]
+    greedy = generate(model, tok, ["Describe the Buba."] * 2, max_new_tokens=16, temperature=0)
+    assert greedy[0].response_ids == greedy[1].response_ids
