@@ -406,10 +406,10 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
         user, _ = user_for(request)
         nxt = store.next_item(user.name)
         if nxt is None:
-            return {"item": None}
+            return JSONResponse({"item": None})
         item, order = nxt
-        return {"item": {"id": item["id"], "kind": item["kind"], "prompt": item["prompt"],
-                         "responses": shown_responses(item, order)}}
+        return JSONResponse({"item": {"id": item["id"], "kind": item["kind"], "prompt": item["prompt"],
+                                      "responses": shown_responses(item, order)}})
 
     async def json_body(request: Request) -> dict:
         try:
@@ -422,9 +422,9 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
 
     @app.post("/api/answer")
     async def api_answer(request: Request):
-        body = await json_body(request)
         user, token = await run_in_threadpool(user_for, request)
         check_csrf(request, token, request.headers.get("x-csrf-token"))
+        body = await json_body(request)
         item_id = body.get("item_id")
         if not isinstance(item_id, str) or not item_id:
             raise Refused(400, "item_id: expected a string")
@@ -432,18 +432,18 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
             stored = await run_in_threadpool(store.submit, user.name, item_id, body)
         except AnswerError as e:
             raise Refused(e.status, e.message) from None
-        return {"ok": True, "answer": stored}
+        return JSONResponse({"ok": True, "answer": stored})
 
     @app.post("/api/undo")
     async def api_undo(request: Request):
         user, token = await run_in_threadpool(user_for, request)
         check_csrf(request, token, request.headers.get("x-csrf-token"))
-        return {"undone": await run_in_threadpool(store.undo, user.name)}
+        return JSONResponse({"undone": await run_in_threadpool(store.undo, user.name)})
 
     @app.get("/api/progress")
     def api_progress(request: Request):
         user, _ = user_for(request)
-        return store.progress(user.name)
+        return JSONResponse(store.progress(user.name))
 
     @app.get("/api/export")
     def api_export(request: Request, kind: str = "pairs", majority: bool = False):

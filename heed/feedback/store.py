@@ -38,8 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, case,
-                        cast, create_engine, delete, event, func, insert, select, update)
+from sqlalchemy import (Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint, bindparam,
+                        case, cast, create_engine, delete, event, func, insert, select, update)
 from sqlalchemy.exc import IntegrityError
 
 from heed.data import FieldError
@@ -108,6 +108,26 @@ settings = Table(
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
+
+
+# The statements on every request, built once (building SQLAlchemy expressions per call
+# costs more than running them). Parameters: who, iid, now, expires, delta, digest.
+P = bindparam
+_CLAIM = select(claims).where(claims.c.annotator == P("who"))
+_ITEM = select(items).where(items.c.id == P("iid"))
+_ITEM_KIND = select(items.c.kind).where(items.c.id == P("iid"))
+_EXTEND_CLAIM = update(claims).where(claims.c.annotator == P("who")).values(expires_at=P("expires"))
+_DROP_CLAIM = delete(claims).where(claims.c.annotator == P("who"))
+_ANSWERED = select(answers.c.id).where(answers.c.item_id == P("iid"), answers.c.annotator == P("who"))
+_COUNT_DONE = update(items).where(items.c.id == P("iid")).values(done=items.c.done + P("delta"))
+_USER = select(annotators).where(annotators.c.token_hash == P("digest"))
+_NEXT = (select(items)
+         .where(items.c.done < items.c.overlap,
+                ~select(answers.c.id).where(answers.c.item_id == items.c.id, answers.c.annotator == P("who")).exists(),
+                items.c.done + select(func.count()).select_from(claims)
+                .where(claims.c.item_id == items.c.id, claims.c.expires_at > P("now")).scalar_subquery()
+                < items.c.overlap)
+         .order_by(items.c.priority.desc(), items.c.seq).limit(1))
 
 
 class AnswerError(Exception):
@@ -259,15 +279,22 @@ def _make_engine(url_or_path: str | Path):
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")  # an acknowledged answer survives a crash
+        cur.execute("PRAGMA synchronous=FULL")  # an acknowledged answer survives a crash (see _on_begin)
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
-        # A write takes the lock up front; a deferred transaction that reads and then
-        # writes can fail with SQLITE_BUSY_SNAPSHOT in WAL mode instead of waiting.
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("heed_write") else "BEGIN")
+        options = conn.get_execution_options()
+        if options.get("heed_write"):
+            # fsync at commit for what must survive anything (answers); a claim may skip it,
+            # and the next answer's fsync writes it out too.
+            conn.exec_driver_sql("PRAGMA synchronous=" + ("FULL" if options.get("heed_durable") else "NORMAL"))
+            # A write takes the lock up front; a deferred transaction that reads and then
+            # writes can fail with SQLITE_BUSY_SNAPSHOT in WAL mode instead of waiting.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
 
     return engine, True
 
@@ -288,9 +315,9 @@ class Store:
         self.engine.dispose()
 
     @contextmanager
-    def _write(self) -> Iterator[Any]:
+    def _write(self, durable: bool = True) -> Iterator[Any]:
         with self._lock, self.engine.connect() as conn:
-            conn.execution_options(heed_write=True)
+            conn.execution_options(heed_write=True, heed_durable=durable)
             with conn.begin():
                 yield conn
 
@@ -395,7 +422,7 @@ class Store:
             return None
         digest = hash_token(token)
         with self._read() as conn:
-            row = conn.execute(select(annotators).where(annotators.c.token_hash == digest)).first()
+            row = conn.execute(_USER, {"digest": digest}).first()
         # Looked up by hash, then compared in constant time all the same.
         if row is None or not hmac.compare_digest(row.token_hash, digest):
             return None
@@ -427,32 +454,25 @@ class Store:
         are not already filling.
         """
         now = time.time()
-        with self._write() as conn:
-            claim = conn.execute(select(claims).where(claims.c.annotator == annotator)).first()
+        who = {"who": annotator}
+        with self._write(durable=False) as conn:
+            claim = conn.execute(_CLAIM, who).first()
             if claim is not None and claim.expires_at > now:
-                row = conn.execute(select(items).where(items.c.id == claim.item_id)).first()
+                row = conn.execute(_ITEM, {"iid": claim.item_id}).first()
                 if row is not None:
-                    conn.execute(update(claims).where(claims.c.annotator == annotator)
-                                 .values(expires_at=now + self.claim_seconds))
+                    conn.execute(_EXTEND_CLAIM, {**who, "expires": now + self.claim_seconds})
                     return _item_dict(row), json.loads(claim.displayed_order)
             if claim is not None:
-                conn.execute(delete(claims).where(claims.c.annotator == annotator))
-            answered = (select(answers.c.id).where(answers.c.item_id == items.c.id,
-                                                   answers.c.annotator == annotator).exists())
-            held = (select(func.count()).select_from(claims)
-                    .where(claims.c.item_id == items.c.id, claims.c.expires_at > now).scalar_subquery())
-            row = conn.execute(
-                select(items).where(items.c.done < items.c.overlap, ~answered,
-                                    items.c.done + held < items.c.overlap)
-                .order_by(items.c.priority.desc(), items.c.seq).limit(1)).first()
+                conn.execute(_DROP_CLAIM, who)
+            row = conn.execute(_NEXT, {**who, "now": now}).first()
             if row is None:
                 return None
             item = _item_dict(row)
             order = list(range(len(item["responses"])))
             self._rng.shuffle(order)  # sides randomised per item and per annotator
-            conn.execute(insert(claims).values(annotator=annotator, item_id=item["id"],
-                                               displayed_order=json.dumps(order), shown_at=now,
-                                               expires_at=now + self.claim_seconds))
+            conn.execute(insert(claims), {"annotator": annotator, "item_id": item["id"],
+                                          "displayed_order": json.dumps(order), "shown_at": now,
+                                          "expires_at": now + self.claim_seconds})
             return item, order
 
     def submit(self, annotator: str, item_id: str, form: dict) -> dict:
@@ -462,31 +482,30 @@ class Store:
         item was already answered by them or is not the one they were shown.
         """
         now = time.time()
+        who = {"who": annotator}
         with self._write() as conn:
-            claim = conn.execute(select(claims).where(claims.c.annotator == annotator)).first()
+            claim = conn.execute(_CLAIM, who).first()
             if claim is None or claim.item_id != item_id:
-                done = conn.execute(select(answers.c.id).where(answers.c.item_id == item_id,
-                                                               answers.c.annotator == annotator)).first()
-                if done is not None:
+                if conn.execute(_ANSWERED, {**who, "iid": item_id}).first() is not None:
                     raise AnswerError("you have already answered this item", 409)
                 raise AnswerError("this item is not the one you were shown; reload to get the current one", 409)
-            item = conn.execute(select(items.c.kind).where(items.c.id == item_id)).first()
+            kind = conn.execute(_ITEM_KIND, {"iid": item_id}).scalar_one()
             order = json.loads(claim.displayed_order)
-            answer = map_answer(item.kind, order, form)
-            values = dict(item_id=item_id, annotator=annotator, kind=item.kind,
+            answer = map_answer(kind, order, form)
+            values = dict(item_id=item_id, annotator=annotator, kind=kind,
                           ranking=None if answer["ranking"] is None else json.dumps(answer["ranking"]),
                           choice=answer["choice"], label=answer["label"], score=answer["score"],
                           comment=answer["comment"], displayed_order=claim.displayed_order,
                           shown_at=claim.shown_at, created_at=now)
             try:
-                result = conn.execute(insert(answers).values(**values))
+                result = conn.execute(insert(answers), values)
             except IntegrityError:  # defence in depth: the unique constraint is the real guard
                 raise AnswerError("you have already answered this item", 409) from None
             if answer["choice"] != "skip":
-                conn.execute(update(items).where(items.c.id == item_id).values(done=items.c.done + 1))
-            conn.execute(delete(claims).where(claims.c.annotator == annotator))
+                conn.execute(_COUNT_DONE, {"iid": item_id, "delta": 1})
+            conn.execute(_DROP_CLAIM, who)
             answer_id = result.inserted_primary_key[0]
-        return {"id": answer_id, "item_id": item_id, "annotator": annotator, "kind": item.kind,
+        return {"id": answer_id, "item_id": item_id, "annotator": annotator, "kind": kind,
                 **answer, "displayed_order": order, "created_at": iso(now)}
 
     def undo(self, annotator: str) -> str | None:
@@ -500,11 +519,11 @@ class Store:
                 return None
             conn.execute(delete(answers).where(answers.c.id == last.id))
             if last.choice != "skip":
-                conn.execute(update(items).where(items.c.id == last.item_id).values(done=items.c.done - 1))
-            conn.execute(delete(claims).where(claims.c.annotator == annotator))
-            conn.execute(insert(claims).values(annotator=annotator, item_id=last.item_id,
-                                               displayed_order=last.displayed_order, shown_at=now,
-                                               expires_at=now + self.claim_seconds))
+                conn.execute(_COUNT_DONE, {"iid": last.item_id, "delta": -1})
+            conn.execute(_DROP_CLAIM, {"who": annotator})
+            conn.execute(insert(claims), {"annotator": annotator, "item_id": last.item_id,
+                                          "displayed_order": last.displayed_order, "shown_at": now,
+                                          "expires_at": now + self.claim_seconds})
             return last.item_id
 
     # -- reading answers and progress ----------------------------------------
