@@ -80,11 +80,12 @@ class RowError:
 
 
 def read_rows(path: str | Path, parse: Callable[[dict], Any], *, skip_invalid: bool = False,
-              what: str = "rows") -> list:
+              what: str = "rows", stats: dict | None = None) -> list:
     """Read every row through `parse(row)`, which raises `FieldError` for a bad field.
 
     Raises HeedError for an empty file, and for the first bad row unless
-    `skip_invalid`, in which case the number skipped is printed.
+    `skip_invalid`, in which case the number skipped is printed (and put in
+    `stats["skipped"]` when a dict is given).
     """
     out, skipped = [], 0
     for line, row in iter_records(path):
@@ -99,6 +100,8 @@ def read_rows(path: str | Path, parse: Callable[[dict], Any], *, skip_invalid: b
             if not skip_invalid:
                 raise HeedError(f"{where}: {e.message} (use --skip-invalid to skip bad rows)") from None
             skipped += 1
+    if stats is not None:
+        stats["skipped"] = skipped
     if skipped:
         print(f"{path}: skipped {skipped} invalid row(s)")
     if not out:
@@ -185,3 +188,252 @@ def read_prompts(path: str | Path, *, skip_invalid: bool = False) -> list:
     def parse(row: dict):
         return get_messages(row, "prompt") if isinstance(row.get("prompt"), list) else get_str(row, "prompt")
     return read_rows(path, parse, skip_invalid=skip_invalid, what="prompts")
+
+
+# ---------------------------------------------------------------------------
+# Feedback: pairs, rankings, thumbs, ratings
+# ---------------------------------------------------------------------------
+#
+# Formats (`--format`; "auto" tells them apart by their columns):
+#   pairs     {"prompt": str, "chosen": str, "rejected": str} + optional "margin": number,
+#             "tie": bool (a tie is a 0.5 target), "both_bad": bool (incomparable: not used)
+#   hh        {"chosen", "rejected"}: whole Anthropic HH-RLHF transcripts
+#             ("\n\nHuman: … \n\nAssistant: …") sharing the dialogue up to the last
+#             assistant turn; that shared part becomes a chat prompt
+#   chat      "prompt" (optional), "chosen", "rejected" as lists of {"role", "content"};
+#             prompt + chosen and prompt + rejected must end with one assistant message
+#             and agree on everything before it
+#   rankings  {"prompt", "responses": [str, ...], "ranking": [indices of responses, best first]}
+#   thumbs    {"prompt", "response", "label": "up"|"down"|true|false|1|0}
+#   ratings   {"prompt", "response", "score": number}
+# Prompts of pairs, rankings, thumbs and ratings may also be message lists. Prompts must
+# not be empty; responses may be (a policy can answer nothing, and that is worth judging).
+
+FEEDBACK_FORMATS = ("pairs", "hh", "chat", "rankings", "thumbs", "ratings")
+# The kind of supervision each format gives (which loss trains on it).
+FEEDBACK_KIND = {"pairs": "pairs", "hh": "pairs", "chat": "pairs", "rankings": "rankings",
+                 "thumbs": "thumbs", "ratings": "ratings"}
+
+
+@dataclass
+class Pair:
+    prompt: str | list[dict]
+    chosen: str
+    rejected: str
+    margin: float = 0.0  # the chosen response is better by at least this much (Llama 2's margin)
+    tie: bool = False    # equally good: the target preference is 0.5
+
+
+@dataclass
+class Ranking:
+    prompt: str | list[dict]
+    responses: list[str]
+    ranking: list[int]   # indices into responses, best first
+
+
+@dataclass
+class Thumb:
+    prompt: str | list[dict]
+    response: str
+    up: bool
+
+
+@dataclass
+class Rating:
+    prompt: str | list[dict]
+    response: str
+    score: float
+
+
+@dataclass
+class Feedback:
+    """The rows of one feedback file, all of one format."""
+
+    path: str
+    format: str
+    rows: list            # Pair | Ranking | Thumb | Rating
+    skipped: int = 0      # invalid rows skipped (with skip_invalid)
+    unused: int = 0       # valid rows that carry no preference (pairs marked both_bad)
+
+    @property
+    def kind(self) -> str:
+        return FEEDBACK_KIND[self.format]
+
+
+def detect_feedback_format(row: dict) -> str:
+    """The feedback format a row's columns say it is in."""
+    if "responses" in row and "ranking" in row:
+        return "rankings"
+    if "chosen" in row and "rejected" in row:
+        if isinstance(row["chosen"], list) or isinstance(row["rejected"], list):
+            return "chat"
+        return "pairs" if "prompt" in row else "hh"
+    if "response" in row and "label" in row:
+        return "thumbs"
+    if "response" in row and "score" in row:
+        return "ratings"
+    raise FieldError(None, f"cannot tell the feedback format from the columns {sorted(row)}: expected "
+                           "prompt/chosen/rejected, chosen/rejected (HH-RLHF), prompt/responses/ranking, "
+                           "prompt/response/label or prompt/response/score (or pass --format)")
+
+
+def _prompt(row: dict):
+    return get_messages(row, "prompt") if isinstance(row.get("prompt"), list) else get_str(row, "prompt")
+
+
+def _number(row: dict, name: str) -> float:
+    import math
+
+    value = row[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FieldError(name, f"expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise FieldError(name, f"expected a finite number, got {value}")
+    return float(value)
+
+
+def _flag(row: dict, name: str) -> bool:
+    value = row.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise FieldError(name, f"expected true or false, got {value!r}")
+    return value
+
+
+def parse_pair(row: dict) -> Pair | None:
+    """An explicit-prompt pair; None for a valid pair marked both_bad (no preference to learn)."""
+    prompt = _prompt(row)
+    chosen, rejected = get_str(row, "chosen", allow_empty=True), get_str(row, "rejected", allow_empty=True)
+    tie = _flag(row, "tie")
+    margin = _number(row, "margin") if row.get("margin") is not None else 0.0
+    if tie and margin:
+        raise FieldError("margin", "a tie cannot have a margin")
+    if _flag(row, "both_bad"):
+        return None
+    return Pair(prompt, chosen, rejected, margin, tie)
+
+
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def split_hh(text: str, field: str) -> tuple[list[dict], str]:
+    """An HH-RLHF transcript -> (messages before the last assistant turn, that turn's text)."""
+    import re
+
+    if not text.startswith(HH_HUMAN):
+        raise FieldError(field, "an HH-RLHF transcript must start with '\\n\\nHuman:'")
+    parts = re.split(r"(\n\nHuman:|\n\nAssistant:)", text)[1:]  # [marker, text, marker, text, ...]
+    messages = [{"role": "user" if marker == HH_HUMAN else "assistant", "content": body.strip()}
+                for marker, body in zip(parts[::2], parts[1::2])]
+    if messages[-1]["role"] != "assistant":
+        raise FieldError(field, "the transcript must end with an '\\n\\nAssistant:' turn")
+    return messages[:-1], messages[-1]["content"]
+
+
+def parse_hh(row: dict) -> Pair:
+    """A pair of whole transcripts; the dialogue they share up to the last assistant turn is the prompt."""
+    chosen_text, rejected_text = get_str(row, "chosen"), get_str(row, "rejected")
+    prompt, chosen = split_hh(chosen_text, "chosen")
+    rejected_prompt, rejected = split_hh(rejected_text, "rejected")
+    if rejected_prompt != prompt:
+        raise FieldError("rejected", "does not share the dialogue with 'chosen' up to the last assistant turn")
+    tie = _flag(row, "tie")
+    margin = _number(row, "margin") if row.get("margin") is not None else 0.0
+    return Pair(prompt, chosen, rejected, margin, tie)
+
+
+def parse_chat_pair(row: dict) -> Pair | None:
+    """Message lists; an optional "prompt" list is put before both chosen and rejected."""
+    prompt = get_messages(row, "prompt") if "prompt" in row else []
+    full = {}
+    for name in ("chosen", "rejected"):
+        messages = prompt + get_messages(row, name)
+        if messages[-1]["role"] != "assistant":
+            raise FieldError(name, "must end with the assistant's response")
+        full[name] = messages
+    if full["chosen"][:-1] != full["rejected"][:-1]:
+        raise FieldError("rejected", "does not share the conversation with 'chosen' before the last message")
+    if not full["chosen"][:-1]:
+        raise FieldError("prompt", "no messages before the response")
+    tie = _flag(row, "tie")
+    margin = _number(row, "margin") if row.get("margin") is not None else 0.0
+    if _flag(row, "both_bad"):
+        return None
+    return Pair(full["chosen"][:-1], full["chosen"][-1]["content"], full["rejected"][-1]["content"], margin, tie)
+
+
+def parse_ranking(row: dict) -> Ranking:
+    prompt = _prompt(row)
+    responses = row["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise FieldError("responses", "expected a list of at least 2 responses")
+    for i, r in enumerate(responses):
+        if not isinstance(r, str):
+            raise FieldError(f"responses[{i}]", f"expected a string, got {type(r).__name__}")
+    ranking = row["ranking"]
+    if not isinstance(ranking, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ranking):
+        raise FieldError("ranking", "expected a list of integer indices into responses, best first")
+    if sorted(ranking) != list(range(len(responses))):
+        raise FieldError("ranking", f"expected each index 0..{len(responses) - 1} exactly once, got {ranking}")
+    return Ranking(prompt, list(responses), list(ranking))
+
+
+_THUMBS = {"up": True, "down": False, True: True, False: False, 1: True, 0: False}
+
+
+def parse_thumb(row: dict) -> Thumb:
+    prompt, response = _prompt(row), get_str(row, "response", allow_empty=True)
+    label = row["label"]
+    key = label.lower() if isinstance(label, str) else label
+    if isinstance(key, float) and key in (0.0, 1.0):
+        key = int(key)
+    if not isinstance(key, (str, bool, int)) or key not in _THUMBS:
+        raise FieldError("label", f"expected 'up', 'down', true, false, 1 or 0, got {label!r}")
+    return Thumb(prompt, response, _THUMBS[key])
+
+
+def parse_rating(row: dict) -> Rating:
+    return Rating(_prompt(row), get_str(row, "response", allow_empty=True), _number(row, "score"))
+
+
+FEEDBACK_PARSERS: dict[str, Callable[[dict], Any]] = {
+    "pairs": parse_pair, "hh": parse_hh, "chat": parse_chat_pair, "rankings": parse_ranking,
+    "thumbs": parse_thumb, "ratings": parse_rating}
+
+
+def read_feedback(path: str | Path, *, format: str = "auto", skip_invalid: bool = False) -> Feedback:
+    """Read and validate one feedback file (JSONL, .jsonl.gz, Parquet or a saved dataset directory).
+
+    With format "auto" the first row's columns decide the format, and every row must
+    then be in it. A bad row raises HeedError naming the file, the line and the field.
+    """
+    if format != "auto" and format not in FEEDBACK_PARSERS:
+        raise HeedError(f"unknown feedback format {format!r} (choose from auto, {', '.join(FEEDBACK_FORMATS)})")
+    state = {"format": None if format == "auto" else format, "unused": 0}
+
+    def parse(row: dict):
+        if state["format"] is None:
+            state["format"] = detect_feedback_format(row)
+        parsed = FEEDBACK_PARSERS[state["format"]](row)
+        if parsed is None:
+            state["unused"] += 1
+        return parsed
+
+    stats: dict = {}
+    rows = read_rows(path, _missing_field_is_field_error(parse), skip_invalid=skip_invalid,
+                     what="feedback rows", stats=stats)
+    kept = [r for r in rows if r is not None]
+    if not kept:
+        raise HeedError(f"{path}: no usable feedback rows (all {len(rows)} were marked both_bad)")
+    return Feedback(str(path), state["format"], kept, skipped=stats.get("skipped", 0), unused=state["unused"])
+
+
+def _missing_field_is_field_error(parse: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    """Parsers index row[name] once the format is known; a missing column is that field's error."""
+    def wrapped(row: dict):
+        try:
+            return parse(row)
+        except KeyError as e:
+            raise FieldError(str(e.args[0]), "missing") from None
+    return wrapped
