@@ -214,3 +214,21 @@ def test_cli_user_add_add_and_export(tmp_path, capsys):
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["chosen"] == ["a", "b"][order[0]] and row["prompt"] == "p"
     assert cli.main(["label", "export", "--db", str(tmp_path / "none.db"), "--out", str(out)]) == 2
+
+
+def test_admin_shows_agreement_between_people_and_with_the_reward_model(tmp_path):
+    store = Store(tmp_path / "db.sqlite")
+    store.add_items([{"id": f"i{k}", "prompt": f"p{k}", "responses": ["good", "bad"], "overlap": 2} for k in range(4)])
+    store.set_scores({f"i{k}": (0.0, [1.0, -1.0]) for k in range(4)})  # the model prefers "good"
+    admin = store.add_user("boss", admin=True)
+    for who in ("ann", "bob"):
+        for k in range(4):
+            item, order = store.next_item(who)
+            good_side = "A" if order[0] == 0 else "B"
+            bad_side = "B" if good_side == "A" else "A"
+            store.submit(who, item["id"], {"choice": good_side if (who == "ann" or k < 2) else bad_side})
+    app = create_app(store, reward_model_name="rm-dir")
+    page = TestClient(app, headers={"Authorization": f"Bearer {admin}"}).get("/admin").text
+    assert re.search(r'id="alpha-pair">-?0\.\d\d<', page)
+    assert "ann · bob" in page
+    assert 'id="rm-agreement">75%<' in page  # ann 4/4, bob 2/4

@@ -203,3 +203,33 @@ def test_concurrent_annotators_answer_each_item_exactly_once(store):
     stored = [(a["item_id"], a["annotator"], a["choice"]) for a in store.answers()]
     assert sorted(stored) == sorted(acked)
     assert sorted(a[0] for a in stored) == sorted(f"i{k}" for k in range(120))  # overlap 1: once each
+
+
+def test_active_selection_serves_the_most_disagreed_items_first(store):
+    from heed.feedback.active import Scorer, score_pending
+
+    class FakeEnsemble:
+        """Members disagree on responses containing 'unsure', in proportion to its count."""
+
+        def score(self, prompts, responses):
+            return [0.0] * len(responses), [float(r.count("unsure")) for r in responses]
+
+    store.add_items([{"id": "calm", "prompt": "p", "responses": ["a", "b"]},
+                     {"id": "wild", "prompt": "p", "responses": ["unsure unsure", "b"]},
+                     {"id": "mild", "prompt": "p", "responses": ["unsure", "b"]}])
+    assert score_pending(store, FakeEnsemble()) == 3 and score_pending(store, FakeEnsemble()) == 0
+    served = []
+    while (nxt := store.next_item("ann")) is not None:
+        served.append(nxt[0]["id"])
+        store.submit("ann", nxt[0]["id"], {"choice": "A"})
+    assert served == ["wild", "mild", "calm"]
+    # items added while the server runs are scored in the background
+    scorer = Scorer(store, FakeEnsemble(), interval=0.05)
+    scorer.start()
+    store.add_items([{"id": "late", "prompt": "p", "responses": ["unsure", "b"]}])
+    deadline = time.time() + 5
+    while store.get_item("late")["rm_scores"] is None and time.time() < deadline:
+        time.sleep(0.05)
+    scorer.stopped.set()
+    scorer.join()
+    assert store.get_item("late")["priority"] > 0 and scorer.error is None

@@ -1,0 +1,224 @@
+"""End to end in a real browser: headless Chromium (Debian's package) driven by Playwright.
+
+One annotator logs in, labels a pair from the keyboard, gives a tie, skips, undoes the
+skip and answers instead, ranks three responses, and exports from the admin page;
+then `heed rm train` trains on the export. Along the way: a response full of HTML and
+script is shown as text and never runs. `.ci/install-browser.sh` installs what it needs.
+"""
+
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from heed.feedback.app import create_app
+from heed.feedback.store import Store
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+EVIL = ('<script>window.__pwned = "script"</script><img src=x onerror="window.__pwned = \'img\'">'
+        '<b>not bold</b>')
+PAIRS = [("Describe the old mill.", "The old mill stands by the river.\nIt has a wooden wheel.",
+          "mill mill mill mill"),
+         ("Say hello.", EVIL, "Hello!"),
+         ("Write a function that adds one.", "```python\ndef add_one(x):\n    return x + 1\n```",
+          "def add_one(x): return x - 1")]
+RANKING = ("List three colours.", ["red, green, blue", "colour colour colour", "Red, yellow and blue."])
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Run the whole browser session once; returns what it saw and the exported files."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
+                                   "(run .ci/install-browser.sh)")
+    chromium = chromium_path()
+    if chromium is None:
+        pytest.skip("chromium not found (run .ci/install-browser.sh, which installs Debian's chromium)")
+    import uvicorn
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    store = Store(tmp / "labels.db")
+    store.add_items([{"id": f"pair{k}", "prompt": p, "responses": [a, b]} for k, (p, a, b) in enumerate(PAIRS)]
+                    + [{"id": "rank0", "kind": "ranking", "prompt": RANKING[0], "responses": RANKING[1]}])
+    token = store.add_user("ana", admin=True)
+    app = create_app(store, guidelines="# How to judge\n\nPrefer **correct**, relevant answers.")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    seen: dict = {"alerts": [], "errors": []}
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+            page.on("dialog", lambda d: (seen["alerts"].append(d.message), d.dismiss()))
+            page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+            page.set_default_timeout(15000)
+
+            def shown() -> tuple[str, list[str]]:
+                """The current item's id and its responses' text as displayed, left to right."""
+                item_id = page.get_attribute("input[name=item_id]", "value")
+                return item_id, [t for t in page.locator(".response .text").all_inner_texts()]
+
+            def press_and_wait(key: str) -> None:
+                with page.expect_navigation():
+                    page.keyboard.press(key)
+
+            # 1. login: every page needs the token
+            page.goto(url + "/")
+            assert page.url.endswith("/login")
+            page.fill("#token", token)
+            with page.expect_navigation():
+                page.keyboard.press("Enter")
+            page.wait_for_selector("#answer-form")
+
+            # 2. a pair by keyboard: "1" picks the left one, Enter submits
+            item, texts = shown()
+            seen["pair0"] = (item, texts)
+            page.keyboard.press("1")
+            assert page.locator(".response.chosen").count() == 1
+            press_and_wait("Enter")
+
+            # 3. the hostile response: shown as text, never run; then a tie by keyboard (↑)
+            item, texts = shown()
+            seen["pair1"] = (item, texts)
+            seen["pwned"] = page.evaluate("window.__pwned === undefined ? null : window.__pwned")
+            seen["evil_text"] = [t for t in texts if "script" in t]
+            seen["evil_html_has_script_tag"] = page.locator(".response script, .response img").count()
+            page.screenshot(path=str(tmp / "label-page.png"), full_page=True)
+            page.keyboard.press("ArrowUp")
+            press_and_wait("Enter")
+
+            # 4. skip (0), 5. undo (u) brings it back, then answer B (→)
+            item, texts = shown()
+            page.keyboard.press("0")
+            press_and_wait("Enter")
+            seen["after_skip"] = shown()[0]
+            press_and_wait("u")
+            seen["notice"] = page.inner_text(".notice")
+            seen["pair2"] = shown()
+            seen["pair2_before_undo"] = (item, texts)
+            page.keyboard.press("ArrowRight")
+            press_and_wait("Enter")
+
+            # 6. a ranking: press the responses' numbers best first
+            item, texts = shown()
+            seen["rank0"] = (item, texts)
+            for key in ("3", "1", "2"):
+                page.keyboard.press(key)
+            seen["ranks"] = [page.input_value(f"select[name=rank_{k}]") for k in range(3)]
+            press_and_wait("Enter")
+            seen["done"] = page.locator("#done").count()
+
+            # 7. export from the admin page
+            page.goto(url + "/admin")
+            seen["admin_pairs_count"] = page.inner_text("#exports tbody tr:first-child td:nth-child(2)")
+            for kind in ("pairs", "rankings"):
+                with page.expect_download() as download:
+                    page.click(f"#export-{kind}")
+                download.value.save_as(tmp / f"{kind}.jsonl")
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    seen["answers"] = store.answers()
+    seen["pairs"] = [json.loads(x) for x in (tmp / "pairs.jsonl").read_text().splitlines()]
+    seen["rankings"] = [json.loads(x) for x in (tmp / "rankings.jsonl").read_text().splitlines()]
+    seen["dir"] = tmp
+    store.close()
+    return seen
+
+
+def original(displayed: str, candidates) -> str:
+    """The original response a displayed text came from."""
+    (match,) = [c for c in candidates if displayed.strip() in c]
+    return match
+
+
+def test_browser_labelling_session(labelled):
+    s = labelled
+    assert not s["errors"], s["errors"]
+    # the hostile response is on the page as literal text and nothing in it ran
+    assert s["pwned"] is None and s["alerts"] == [] and s["evil_html_has_script_tag"] == 0
+    assert s["evil_text"] == [EVIL]
+    # newlines and code blocks are shown as they are
+    texts0 = s["pair0"][1]
+    assert PAIRS[0][1] in texts0
+    assert "def add_one(x):\n    return x + 1" in "\n".join(s["pair2"][1])
+    # skip then undo: the same item comes back, with the same sides
+    assert s["after_skip"] == "rank0" and "withdrawn" in s["notice"]
+    assert s["pair2"] == s["pair2_before_undo"]
+    assert s["ranks"] == ["2", "3", "1"] and s["done"] == 1
+
+    by_item = {a["item_id"]: a for a in s["answers"]}
+    assert len(s["answers"]) == 4  # the skip was withdrawn
+    left0 = texts0[0]
+    assert PAIRS[0][1:].index(left0) == int(by_item["pair0"]["choice"])  # "1" = the left one, original index
+    assert by_item["pair1"]["choice"] == "tie"
+    right2 = original(s["pair2"][1][1], PAIRS[2][1:])  # the code block is shown without its fences
+    assert by_item["pair2"]["choice"] == str(PAIRS[2][1:].index(right2))
+    # the ranking, mapped from displayed positions (best first: 3rd, 1st, 2nd shown) to original indices
+    shown_rank = s["rank0"][1]
+    assert by_item["rank0"]["ranking"] == [RANKING[1].index(shown_rank[p]) for p in (2, 0, 1)]
+
+    # the exported files, as `heed rm train` reads them
+    assert s["admin_pairs_count"] == "3"
+    assert s["pairs"][0] == {"prompt": PAIRS[0][0], "chosen": left0,
+                             "rejected": [t for t in PAIRS[0][1:] if t != left0][0]}
+    assert s["pairs"][1]["tie"] is True and {s["pairs"][1]["chosen"], s["pairs"][1]["rejected"]} == set(PAIRS[1][1:])
+    assert s["pairs"][2]["chosen"] == right2 and "tie" not in s["pairs"][2]
+    assert s["rankings"] == [{"prompt": RANKING[0], "responses": RANKING[1],
+                              "ranking": by_item["rank0"]["ranking"]}]
+
+
+def test_rm_train_trains_on_the_export(labelled, request, tmp_path):
+    """`heed rm train` on the browser session's export (runs once heed.algos.reward exists)."""
+    reward = pytest.importorskip("heed.algos.reward", reason="heed.algos.reward (the reward-model stage) "
+                                 "is not in this checkout yet")
+    from heed import cli
+
+    tiny_base = request.getfixturevalue("tiny_base")  # only built when the stage exists
+
+    pairs, rankings = labelled["dir"] / "pairs.jsonl", labelled["dir"] / "rankings.jsonl"
+    out = tmp_path / "rm"
+    code = cli.main(["rm", "train", "--model", str(tiny_base), "--data", f"{pairs},{rankings}",
+                     "--eval-data", str(pairs), "--out", str(out), "--epochs", "2", "--batch-size", "2",
+                     "--micro-batch-size", "2", "--warmup-steps", "1", "--eval-every", "1",
+                     "--norm-samples", "4", "--norm-max-new-tokens", "8"])
+    assert code == 0
+    # the trained model reads back and scores the labelled responses
+    from heed.models import load_reward_model
+
+    rm = load_reward_model(out)
+    mean, std = rm.score([PAIRS[0][0]] * 2, list(PAIRS[0][1:]))
+    assert len(mean) == len(std) == 2 and reward is not None
+
+    # and it drives active selection: `heed label serve --reward-model DIR` scores the queue
+    from heed.feedback.cli import _start_active_selection
+
+    store = Store(tmp_path / "active.db")
+    store.add_items([{"id": f"pair{k}", "prompt": p, "responses": [a, b]} for k, (p, a, b) in enumerate(PAIRS)])
+    scorer = _start_active_selection(store, str(out))
+    scorer.stopped.set()
+    items = store.all_items()
+    assert all(len(item["rm_scores"]) == 2 and item["priority"] >= 0 for item in items)
+    store.close()
