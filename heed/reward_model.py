@@ -1,0 +1,213 @@
+"""The reward model: K members, each a causal-LM trunk with a scalar head, and their normalisation.
+
+    rm = RewardModel.load("runs/rm")                 # one call, normalisation included
+    mean, std = rm.score(prompts, responses)          # lists: normalised reward, spread across members
+    rewards = rm.rewards(batch)                       # (K, B) tensor on token batches (for PPO)
+
+A member reads the trunk's last hidden state at the last real token of
+`prompt + response + EOS` (prompts left-padded, responses right-padded: the
+layout of heed.models) and maps it to a scalar with a linear head initialised
+N(0, 1/sqrt(d_model + 1)) with zero bias (Stiennon et al. 2020, as in
+lm-human-preferences). Dropout is off. The trunk starts as the SFT model's.
+
+Normalisation: member k's raw reward r_k becomes gain_k * r_k + bias_k, with the
+constants fitted (`fit_normalization`) on responses sampled from the SFT policy
+so that each member has mean 0 there, and the members' mean has mean 0 and
+standard deviation 1 (Ziegler et al. 2019; Huang et al. 2023, "N implementation
+details"). All members share the last scale factor, so `std` (the population
+standard deviation across members; 0 when K = 1) is in the units of `mean`.
+
+On disk (`save` / `load`):
+    reward_model.json     members, gain, bias, lengths, normalisation statistics
+    tokenizer files       one tokenizer for every member
+    member_0/ …           each member: config.json + model.safetensors (trunk), head.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from heed.models import Batch, disable_dropout, forward_hidden, last_token_index, load_tokenizer, make_batch
+from heed.utils import HeedError, atomic_write_text
+
+META_FILE = "reward_model.json"
+
+
+class RewardMember(nn.Module):
+    """One reward model: a causal-LM trunk and a linear head read at the last real token."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Linear | None = None, *, seed: int = 0):
+        super().__init__()
+        self.trunk = trunk
+        d = trunk.config.hidden_size
+        if head is None:
+            head = nn.Linear(d, 1)
+            generator = torch.Generator().manual_seed(seed)  # members of an ensemble start differently
+            with torch.no_grad():
+                head.weight.copy_(torch.randn(1, d, generator=generator) / math.sqrt(d + 1))
+                head.bias.zero_()
+        self.head = head
+        disable_dropout(self.trunk)
+
+    @classmethod
+    def from_policy(cls, path: str | Path, *, seed: int = 0) -> "RewardMember":
+        """A new member whose trunk is the causal LM at `path` (its LM head is dropped)."""
+        from heed.models import load_policy
+
+        model, _ = load_policy(path)
+        return cls(model.base_model, seed=seed)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw rewards (B,) at each row's last real token."""
+        hidden = forward_hidden(self.trunk, input_ids, attention_mask)             # (B, T, d)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()     # (B,)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.trunk.save_pretrained(path)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+                  str(path / "head.safetensors"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RewardMember":
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        path = Path(path)
+        if not (path / "head.safetensors").exists() or not (path / "config.json").exists():
+            raise HeedError(f"{path}: not a reward-model member (needs config.json and head.safetensors)")
+        trunk = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+        state = load_file(str(path / "head.safetensors"))
+        head = nn.Linear(state["weight"].shape[1], 1)
+        head.load_state_dict(state)
+        return cls(trunk, head)
+
+
+class RewardModel(nn.Module):
+    """An ensemble of K reward members (K = 1 by default) with per-member normalisation."""
+
+    def __init__(self, members: Sequence[RewardMember], tokenizer, *, gain: Sequence[float] | None = None,
+                 bias: Sequence[float] | None = None, max_prompt_len: int = 128, max_response_len: int = 128,
+                 info: dict | None = None):
+        super().__init__()
+        if not members:
+            raise ValueError("a reward model needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.tokenizer = tokenizer
+        K = len(members)
+        self.register_buffer("gain", torch.tensor(list(gain) if gain is not None else [1.0] * K))
+        self.register_buffer("bias", torch.tensor(list(bias) if bias is not None else [0.0] * K))
+        self.max_prompt_len, self.max_response_len = max_prompt_len, max_response_len
+        self.info = dict(info or {})  # normalisation statistics and how the model was trained
+        self.eval()
+
+    @property
+    def n_members(self) -> int:
+        return len(self.members)
+
+    # -- tensors ------------------------------------------------------------------
+
+    def raw_rewards(self, batch: Batch) -> torch.Tensor:
+        """(K, B) unnormalised rewards, one row per member."""
+        return torch.stack([m(batch.input_ids, batch.attention_mask) for m in self.members])
+
+    def rewards(self, batch: Batch, *, normalize: bool = True) -> torch.Tensor:
+        """(K, B) rewards of token batches (the policy must share this model's tokenizer).
+
+        The mean over dim 0 is the ensemble's reward; the spread over dim 0 its uncertainty.
+        """
+        raw = self.raw_rewards(batch)
+        return raw * self.gain[:, None] + self.bias[:, None] if normalize else raw
+
+    # -- text ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def raw_scores(self, prompts: Sequence, responses: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+        """(K, N) unnormalised rewards of (prompt, response) texts, on the CPU."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        device = next(self.parameters()).device
+        # Similar lengths together: less padding. Results go back in input order.
+        order = sorted(range(len(prompts)), key=lambda i: len(responses[i]) + len(str(prompts[i])))
+        out = torch.zeros(self.n_members, len(prompts))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = make_batch(self.tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx],
+                               max_prompt_len=self.max_prompt_len, max_response_len=self.max_response_len)
+            out[:, idx] = self.raw_rewards(batch.to(device)).cpu()
+        return out
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """(K, N) raw rewards -> (K, N) normalised ones."""
+        return raw * self.gain.cpu()[:, None] + self.bias.cpu()[:, None]
+
+    def score(self, prompts: Sequence, responses: Sequence[str], *, batch_size: int = 64
+              ) -> tuple[list[float], list[float]]:
+        """(mean, std) per (prompt, response): normalised reward and its spread across members."""
+        z = self.normalize(self.raw_scores(prompts, responses, batch_size=batch_size))
+        std = z.std(0, unbiased=False) if self.n_members > 1 else torch.zeros(z.shape[1])
+        return z.mean(0).tolist(), std.tolist()
+
+    def fit_normalization(self, raw: torch.Tensor) -> dict:
+        """Set gain and bias from (K, N) raw rewards of SFT samples; returns the statistics.
+
+        Each member is standardised on the samples; then one shared factor makes the
+        members' mean have standard deviation 1 (it is below 1 when members disagree).
+        """
+        if raw.shape[1] < 2:
+            raise ValueError("normalisation needs at least 2 samples")
+        mu, sd = raw.mean(1), raw.std(1, unbiased=False).clamp(min=1e-6)   # (K,)
+        z = (raw - mu[:, None]) / sd[:, None]
+        scale = 1.0 / float(z.mean(0).std(unbiased=False).clamp(min=1e-6))
+        self.gain.copy_((scale / sd).to(self.gain))
+        self.bias.copy_((-scale * mu / sd).to(self.bias))
+        normalised = self.normalize(raw).mean(0)
+        stats = {"n_samples": raw.shape[1], "raw_mean": mu.tolist(), "raw_std": sd.tolist(),
+                 "ensemble_scale": scale, "mean_after": float(normalised.mean()),
+                 "std_after": float(normalised.std(unbiased=False))}
+        self.info["normalization"] = stats
+        return stats
+
+    # -- files --------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Members and tokenizer first, `reward_model.json` last: its presence means complete."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for k, member in enumerate(self.members):
+            member.save(path / f"member_{k}")
+        self.tokenizer.save_pretrained(path)
+        meta = {"format": "heed-reward-model", "version": 1, "n_members": self.n_members,
+                "gain": self.gain.tolist(), "bias": self.bias.tolist(),
+                "max_prompt_len": self.max_prompt_len, "max_response_len": self.max_response_len, **self.info}
+        atomic_write_text(path / META_FILE, json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RewardModel":
+        path = Path(path)
+        meta_file = path / META_FILE
+        if not meta_file.exists():
+            raise HeedError(f"{path}: not a reward model directory (no {META_FILE}); train one with `heed rm train`")
+        try:
+            meta = json.loads(meta_file.read_text())
+            n = int(meta["n_members"])
+            gain, bias = meta["gain"], meta["bias"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise HeedError(f"{meta_file}: unreadable ({e})") from None
+        if len(gain) != n or len(bias) != n:
+            raise HeedError(f"{meta_file}: gain and bias need {n} values each")
+        members = [RewardMember.load(path / f"member_{k}") for k in range(n)]
+        info = {k: v for k, v in meta.items() if k not in ("format", "version", "n_members", "gain", "bias",
+                                                           "max_prompt_len", "max_response_len")}
+        return cls(members, load_tokenizer(path), gain=gain, bias=bias, max_prompt_len=meta["max_prompt_len"],
+                   max_response_len=meta["max_response_len"], info=info)

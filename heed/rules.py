@@ -1,0 +1,145 @@
+"""Rule rewards, and rewards as a weighted sum of rules and reward models.
+
+A rule is any Python callable `f(prompts, responses) -> list[float]`, one number
+per (prompt, response). On the command line a reward term is written
+
+    [WEIGHT*]TARGET
+    TARGET = a reward-model directory        runs/rm
+           | module:function                 heed.rules:gold
+           | path/to/file.py:function        my_rules.py:brevity
+
+and a reward is a list of terms, summed with their weights (default 1):
+`--reward runs/rm,0.5*my_rules.py:brevity`. A reward model contributes its
+normalised ensemble mean (heed.reward_model).
+
+    reward = load_reward(["runs/rm", "0.5*my_rules.py:brevity"])
+    total = reward(prompts, responses)                    # list[float]
+    total, parts, stds = reward.score(prompts, responses) # per term: values; per reward model: std
+
+PPO scores reward models on token batches and rules on text: it uses
+`reward.models` ((weight, RewardModel) pairs) and `reward.rule_rewards(...)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from heed.utils import HeedError
+
+Rule = Callable[[Sequence, Sequence[str]], Sequence[float]]
+
+
+def load_rule(spec: str) -> Rule:
+    """`module:function` or `path/to/file.py:function` -> the callable."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise HeedError(f"rule {spec!r}: expected module:function or path/to/file.py:function")
+    if target.endswith(".py") or "/" in target or Path(target).is_file():
+        path = Path(target)
+        if not path.is_file():
+            raise HeedError(f"rule {spec!r}: file {path} not found")
+        module_name = f"heed_rule_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[module_name]
+            raise HeedError(f"rule {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise HeedError(f"rule {spec!r}: cannot import module {target!r} ({e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise HeedError(f"rule {spec!r}: {target} has no function {name!r}")
+    return fn
+
+
+def call_rule(name: str, fn: Rule, prompts: Sequence, responses: Sequence[str]) -> list[float]:
+    """Call a rule and check it returned one finite number per response."""
+    out = fn(list(prompts), list(responses))
+    try:
+        values = [float(v) for v in out]
+    except (TypeError, ValueError):
+        raise HeedError(f"rule {name}: must return a list of numbers, got {type(out).__name__}") from None
+    if len(values) != len(responses):
+        raise HeedError(f"rule {name}: returned {len(values)} values for {len(responses)} responses")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise HeedError(f"rule {name}: returned a non-finite value ({bad[0]})")
+    return values
+
+
+_WEIGHTED = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*(.+?)\s*$")
+
+
+@dataclass
+class RewardFunction:
+    """A weighted sum of rule rewards and reward models."""
+
+    rules: list[tuple[str, float, Rule]] = field(default_factory=list)     # (name, weight, callable)
+    models: list[tuple[str, float, object]] = field(default_factory=list)  # (name, weight, RewardModel)
+
+    def rule_rewards(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
+        """The weighted sum of the rules alone (0 when there are none)."""
+        total = [0.0] * len(responses)
+        for name, weight, fn in self.rules:
+            total = [t + weight * v for t, v in zip(total, call_rule(name, fn, prompts, responses))]
+        return total
+
+    def score(self, prompts: Sequence, responses: Sequence[str], *, batch_size: int = 64
+              ) -> tuple[list[float], dict[str, list[float]], dict[str, list[float]]]:
+        """(weighted total, each term's unweighted values by name, each reward model's std by name)."""
+        parts: dict[str, list[float]] = {}
+        stds: dict[str, list[float]] = {}
+        for name, _, fn in self.rules:
+            parts[name] = call_rule(name, fn, prompts, responses)
+        for name, _, rm in self.models:
+            parts[name], stds[name] = rm.score(prompts, responses, batch_size=batch_size)
+        weights = {name: w for name, w, _ in self.rules + self.models}
+        total = [sum(weights[n] * parts[n][i] for n in parts) for i in range(len(responses))]
+        return total, parts, stds
+
+    def __call__(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
+        return self.score(prompts, responses)[0]
+
+
+def load_reward(specs: Sequence[str]) -> RewardFunction:
+    """Terms `[WEIGHT*]TARGET` (see the module docstring) -> their weighted sum."""
+    if not specs:
+        raise HeedError("no reward given: name a reward-model directory or a rule (module:function)")
+    reward = RewardFunction()
+    for spec in specs:
+        match = _WEIGHTED.match(spec)
+        weight, target = (float(match.group(1)), match.group(2)) if match else (1.0, spec.strip())
+        if Path(target).is_dir():
+            from heed.reward_model import RewardModel
+
+            reward.models.append((target, weight, RewardModel.load(target)))
+        else:
+            reward.rules.append((target, weight, load_rule(target)))
+    names = [n for n, _, _ in reward.rules + reward.models]
+    if len(set(names)) != len(names):
+        raise HeedError(f"reward terms named twice: {names}")
+    return reward
+
+
+# ---------------------------------------------------------------------------
+# Rules that come with heed
+# ---------------------------------------------------------------------------
+
+def gold(prompts: Sequence, responses: Sequence[str]) -> list[float]:
+    """The embedded world's gold oracle as a rule (`heed.rules:gold`): an upper bound to compare with."""
+    from heed.evaluate import gold_scores
+
+    return gold_scores(prompts, responses)
