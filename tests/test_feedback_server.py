@@ -2,7 +2,9 @@
 and killing the server mid-run (SIGKILL, no clean shutdown) loses no acknowledged answer."""
 
 import importlib.util
+import json
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -42,16 +44,28 @@ def server(tmp_path):
         proc.stdout.close()
 
 
-def test_concurrent_annotators_exactly_once(server):
+def test_concurrent_annotators_exactly_once_while_the_queue_grows(server, tmp_path):
     db, tokens, url, start = server
     proc = start()
-    result = load.run_load(url, tokens, seconds=3.0, undo_rate=0.1)
+    result = load.LoadResult()
+    runner = threading.Thread(target=load.run_load, args=(url, tokens, 3.0),
+                              kwargs={"undo_rate": 0.1, "result": result})
+    runner.start()
+    # `heed label add` from another process while annotators are at work
+    queue = tmp_path / "more.jsonl"
+    queue.write_text("".join(json.dumps({"id": f"late-{k}", "prompt": "p", "responses": ["a", "b"]}) + "\n"
+                             for k in range(50)))
+    added = subprocess.run([sys.executable, "-m", "heed.cli", "label", "add", "--db", str(db), "--queue", str(queue)],
+                           capture_output=True, text=True, timeout=60)
+    runner.join()
     proc.terminate()
     proc.wait(timeout=10)
+    assert added.returncode == 0 and "50 new" in added.stdout, added.stderr
     check = load.check_exactly_once(db, result)
     assert result.answers_acked > 20 and result.undos_acked > 0 and result.unknown == 0
     assert check["missing"] == check["doubled"] == check["unexplained"] == check["changed"] == 0, check
     assert check["acknowledged"] == check["in_db"]
+    assert len(Store(db).all_items()) == 650
 
 
 def test_killing_the_server_mid_run_loses_no_acknowledged_answer(server):
