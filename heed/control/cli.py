@@ -1,0 +1,355 @@
+"""`heed control train`: deep RL from (synthetic or human) preferences, Christiano et al. 2017.
+
+The loop, as in the paper's Figure 1, run online:
+  1. warm-up: the agent acts at random (SAC/TD3's learning_starts) and every episode is
+     recorded; the learned reward is 0 meanwhile, so no true reward leaks in;
+  2. initial labels: 25% of the budget on random pairs of clips from the warm-up;
+     the ensemble is fitted on them before RL starts;
+  3. rounds of `round_steps` env steps, each:
+     a. RL on the learned reward (Stable-Baselines3), episodes recorded;
+     b. how well the reward model does on the round's fresh clips (correlation with the truth);
+     c. ask the labels now due (decaying rate) about the candidate pairs (10x
+        oversampled) whose predicted preference varies most across the ensemble;
+     d. collect whatever answers have arrived (people answer while RL goes on);
+     e. refit the ensemble, renormalise it, relabel the replay buffer;
+     f. evaluate on the true return every `eval_every` steps;
+  4. the same RL algorithm with the same steps on the true reward (`--baseline`), the
+     random policy, and the report.
+
+Departures from the paper:
+- The paper's policy optimisers were A2C (Atari) and TRPO (MuJoCo); the default here is
+  SAC (`--algo`, also td3, ppo, a2c), which is far more sample-efficient on a CPU budget.
+  Off-policy agents keep old transitions, so after every reward-model update the whole
+  replay buffer is relabelled with the new reward (the paper, on-policy, never needed to).
+- The paper ran labelling and RL as asynchronous processes; here they alternate every
+  `round_steps` env steps in one process, and people's answers are polled each round
+  (the loop never waits for them, except for the first `human_wait` answers before RL).
+- Warm-up steps count towards `total_timesteps` for both the preference agent and the
+  true-reward baseline, so both get exactly the same number of environment steps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from heed import config as heed_config
+from heed.config import option
+from heed.control.envs import PreferenceEnv, default_horizon, evaluate, make_env
+from heed.control.labelers import HumanLabeler, SyntheticOracle, open_store
+from heed.control.queries import labels_due, member_preferences, sample_clips, sample_pairs, select_queries
+from heed.control.reward_model import Comparisons, EnsembleTrainer, RewardEnsemble
+from heed.utils import HeedError, MetricsLogger, atomic_write_text, progress, seed_everything
+
+
+@dataclass
+class ControlTrainConfig:
+    env: str = option(help="Gymnasium environment id with vector observations, e.g. Pendulum-v1")
+    out: str = option("runs/control", "output directory: metrics, reward ensemble, policy, report")
+    seed: int = option(0, "random seed (environment, agent, reward model, queries)")
+    reward: str = option("learned", "train on the learned reward from preferences, or only on the true reward",
+                         choices=("learned", "true"))
+    baseline: bool = option(True, "also train the same algorithm on the true reward for the same steps, and report the ratio")
+    algo: str = option("sac", "Stable-Baselines3 policy optimiser", choices=("sac", "td3", "ppo", "a2c"))
+    total_timesteps: int = option(10000, "environment steps for the agent (warm-up included)")
+    initial_steps: int = option(1000, "warm-up steps of random actions before RL; the initial labels come from them")
+    round_steps: int = option(1000, "environment steps between label / reward-model rounds")
+    horizon: int = option(0, "fixed episode length (0: the environment's own time limit)")
+    net_arch: list[int] = option([64, 64], "hidden sizes of the policy and value networks")
+    rl_lr: float = option(1e-3, "learning rate of the RL algorithm")
+    labels: int = option(700, "label budget: comparisons asked in the whole run")
+    initial_label_fraction: float = option(0.25, "fraction of the budget asked before RL starts (paper: 0.25)")
+    label_decay: float = option(0.25, "label rate ∝ 1/(t + τ), τ = this × RL steps; smaller front-loads more")
+    offline: bool = option(False, "ask all labels at the start, from the warm-up episodes (paper's ablation)")
+    queries: str = option("disagreement", "how to choose queries: highest ensemble variance, or at random",
+                          choices=("disagreement", "random"))
+    oversample: int = option(10, "candidate pairs per query asked")
+    clip_length: int = option(25, "steps per clip")
+    pool_episodes: int = option(10, "queries are drawn from this many most recent episodes")
+    ensemble_size: int = option(3, "reward models in the ensemble")
+    no_ensemble: bool = option(False, "one reward model and random queries (paper's 'no ensemble' ablation)")
+    rm_hidden: int = option(64, "hidden units per layer of each reward model")
+    rm_layers: int = option(2, "hidden layers of each reward model")
+    rm_lr: float = option(1e-3, "reward-model learning rate (Adam)")
+    rm_batch_size: int = option(64, "comparisons per reward-model batch")
+    rm_steps: int = option(200, "reward-model gradient steps per member per round")
+    rm_initial_steps: int = option(1000, "reward-model gradient steps per member on the initial labels")
+    rm_l2: float = option(1e-3, "initial L2 coefficient (then adapted to keep val/train loss in [1.1, 1.5])")
+    random_answer_prob: float = option(0.1, "the reward model assumes this chance of a random answer (paper: 0.1)")
+    val_fraction: float = option(0.3679, "fraction of comparisons held out (paper: 1/e)")
+    labeler: str = option("oracle", "who answers: the synthetic oracle on the true return, or people",
+                          choices=("oracle", "human"))
+    oracle_temperature: float = option(0.0, "oracle's Bradley-Terry temperature on return differences (0: exact)")
+    oracle_random_prob: float = option(0.0, "chance the oracle answers at random")
+    db: str | None = option(None, "feedback app database (path or URL) for --labeler human")
+    task: str = option("", "what people are told the agent should do (human labeler)")
+    human_wait: int = option(20, "answers to wait for before RL starts (human labeler)")
+    poll_seconds: float = option(5.0, "seconds between polls while waiting for the first answers")
+    eval_every: int = option(2000, "evaluate on the true return every this many steps")
+    eval_episodes: int = option(10, "episodes per evaluation (same seeds for every agent)")
+    threads: int = option(1, "torch CPU threads (small networks run fastest on one)")
+
+
+def _check(cfg: ControlTrainConfig) -> None:
+    if cfg.total_timesteps <= cfg.initial_steps:
+        raise HeedError("--total-timesteps must exceed --initial-steps")
+    if min(cfg.round_steps, cfg.clip_length, cfg.oversample, cfg.eval_episodes, cfg.rm_batch_size) < 1:
+        raise HeedError("--round-steps, --clip-length, --oversample, --eval-episodes, --rm-batch-size must be >= 1")
+    if cfg.labels < 1 and cfg.reward == "learned":
+        raise HeedError("--labels must be >= 1")
+    if not 0 <= cfg.initial_label_fraction <= 1 or not 0 < cfg.val_fraction < 1:
+        raise HeedError("--initial-label-fraction must be in [0, 1] and --val-fraction in (0, 1)")
+    if cfg.labeler == "human" and not cfg.db and cfg.reward == "learned":
+        raise HeedError("--labeler human needs --db PATH (the feedback app's database)")
+
+
+def _make_agent(cfg: ControlTrainConfig, env, seed: int):
+    import gymnasium as gym
+    from stable_baselines3 import A2C, PPO, SAC, TD3
+
+    common = dict(policy_kwargs={"net_arch": list(cfg.net_arch)}, learning_rate=cfg.rl_lr, seed=seed,
+                  verbose=0, device="cpu")
+    if cfg.algo in ("sac", "td3"):
+        if not isinstance(env.action_space, gym.spaces.Box):
+            raise HeedError(f"--algo {cfg.algo} needs continuous actions; use --algo ppo or a2c")
+        cls = SAC if cfg.algo == "sac" else TD3
+        return cls("MlpPolicy", env, learning_starts=cfg.initial_steps, buffer_size=cfg.total_timesteps, **common)
+    cls = PPO if cfg.algo == "ppo" else A2C
+    return cls("MlpPolicy", env, **common)
+
+
+def _relabel_replay(agent, ensemble: RewardEnsemble) -> None:
+    """Off-policy agents: recompute every stored transition's reward with the current model."""
+    buf = getattr(agent, "replay_buffer", None)
+    if buf is None:
+        return
+    n = buf.buffer_size if buf.full else buf.pos
+    if n == 0:
+        return
+    obs = buf.observations[:n, 0]
+    actions = agent.policy.unscale_action(buf.actions[:n, 0])  # SB3 stores Box actions scaled to [-1, 1]
+    buf.rewards[:n, 0] = ensemble.reward(obs, actions)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2 or np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: MetricsLogger) -> dict:
+    """One agent, start to finish: on the learned reward (the paper's loop) or on the true one."""
+    run = "learned" if learned else "true"
+    seed_everything(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    horizon = cfg.horizon or default_horizon(cfg.env)
+    if cfg.clip_length > horizon:
+        raise HeedError(f"--clip-length {cfg.clip_length} is longer than the horizon {horizon}")
+    human = learned and cfg.labeler == "human"
+    env = PreferenceEnv(make_env(cfg.env, horizon, render=human), keep_frames=cfg.pool_episodes)
+    agent = _make_agent(cfg, env, cfg.seed)
+    eval_seeds = [10_000 + 100 * cfg.seed + i for i in range(cfg.eval_episodes)]
+    policy = lambda obs: agent.predict(obs, deterministic=True)[0]
+    t0, cpu0 = time.time(), time.process_time()
+    bar = progress(total=cfg.total_timesteps, desc=f"{cfg.env} ({run} reward)", unit="step")
+
+    ensemble = trainer = labeler = None
+    data = Comparisons()
+    asked = 0
+    if learned:
+        members = 1 if cfg.no_ensemble else cfg.ensemble_size
+        ensemble = RewardEnsemble(env.observation_space.shape[0], env.action_space, members, cfg.rm_hidden,
+                                  cfg.rm_layers)
+        trainer = EnsembleTrainer(ensemble, lr=cfg.rm_lr, batch_size=cfg.rm_batch_size, l2=cfg.rm_l2,
+                                  random_prob=cfg.random_answer_prob, seed=cfg.seed)
+        if human:
+            labeler = HumanLabeler(open_store(cfg.db), out / "clips", task=cfg.task)
+        else:
+            labeler = SyntheticOracle(rng, cfg.oracle_temperature, cfg.oracle_random_prob)
+        env.reward_fn = lambda obs, act: np.zeros(len(obs), dtype=np.float32)  # warm-up: no reward at all
+    random_queries = cfg.queries == "random" or cfg.no_ensemble
+
+    def take_answers() -> None:
+        for pairs, mu in labeler.collect():
+            for i in range(len(pairs)):
+                data.add(pairs.obs0[i], pairs.act0[i], pairs.obs1[i], pairs.act1[i], mu[i], rng,
+                         ensemble.size, cfg.val_fraction)
+
+    def fit(steps: int) -> dict:
+        if len(data) == 0:
+            return {}
+        stats = trainer.fit(data, steps)
+        recent = env.recent(cfg.pool_episodes)
+        ensemble.normalise(np.concatenate([ep.obs for ep in recent]), np.concatenate([ep.actions for ep in recent]))
+        _relabel_replay(agent, ensemble)
+        return stats
+
+    # 1. warm-up: random actions, every episode recorded
+    agent.learn(cfg.initial_steps, reset_num_timesteps=False)
+    bar.update(agent.num_timesteps)
+    rl_total = cfg.total_timesteps - agent.num_timesteps
+
+    # 2. initial labels: random pairs from the warm-up episodes, ensemble fitted before RL
+    if learned:
+        warm = list(env.episodes)
+        ensemble.set_input_stats(np.concatenate([ep.obs for ep in warm]))
+        n0 = cfg.labels if cfg.offline else labels_due(0, rl_total, cfg.labels, cfg.initial_label_fraction,
+                                                       cfg.label_decay)
+        labeler.submit(sample_pairs(warm, n0, cfg.clip_length, rng))
+        asked = n0
+        take_answers()
+        wait_for = min(cfg.human_wait, n0)
+        while human and len(data) < wait_for:
+            bar.set_postfix_str(f"waiting for answers {len(data)}/{wait_for} in {cfg.db}")
+            time.sleep(cfg.poll_seconds)
+            take_answers()
+        stats = fit(cfg.rm_initial_steps)
+        env.reward_fn = ensemble.reward
+        logger.log(agent.num_timesteps, **{f"{run}/labels_asked": asked, f"{run}/labels_used": len(data),
+                                           **{f"{run}/rm_{k}": v for k, v in stats.items()}})
+
+    # 3. rounds: RL on the learned reward, fresh-clip metrics, queries, answers, refit, evaluation
+    last_step, last_eval, evals = agent.num_timesteps, -1, []
+    while agent.num_timesteps < cfg.total_timesteps:
+        # a. RL
+        agent.learn(min(cfg.round_steps, cfg.total_timesteps - agent.num_timesteps), reset_num_timesteps=False)
+        step = agent.num_timesteps
+        bar.update(step - last_step)
+        fresh = env.since(last_step)
+        last_step = step
+        row: dict = {f"{run}/wall_s": time.time() - t0}
+        if fresh:
+            row[f"{run}/return_train"] = float(np.mean([ep.true_return for ep in fresh]))
+        if learned:
+            # b. the reward model on clips it has never seen
+            if fresh:
+                obs, act, ret, _ = sample_clips(fresh, 200, cfg.clip_length, rng)
+                pred = ensemble.reward(obs.reshape(-1, obs.shape[-1]), act.reshape(-1, act.shape[-1]))
+                row[f"{run}/rm_corr_clip"] = _corr(pred.reshape(len(ret), -1).sum(1), ret)
+                steps_obs = np.concatenate([ep.obs for ep in fresh])
+                steps_act = np.concatenate([ep.actions for ep in fresh])
+                row[f"{run}/rm_corr_step"] = _corr(ensemble.reward(steps_obs, steps_act),
+                                                   np.concatenate([ep.true_rewards for ep in fresh]))
+            # c. queries now due, where the ensemble disagrees most
+            due = 0 if cfg.offline else labels_due(step - cfg.initial_steps, rl_total, cfg.labels,
+                                                   cfg.initial_label_fraction, cfg.label_decay)
+            k = min(due, cfg.labels) - asked
+            if k > 0:
+                candidates = sample_pairs(env.recent(cfg.pool_episodes), k * cfg.oversample, cfg.clip_length, rng)
+                variances = member_preferences(ensemble, candidates).var(0)  # (N,) across members
+                chosen = select_queries(None if random_queries else variances, k, rng, len(candidates))
+                labeler.submit(candidates.take(chosen))
+                asked += len(chosen)
+                row[f"{run}/disagreement_candidates"] = float(variances.mean())
+                row[f"{run}/disagreement_asked"] = float(variances[chosen].mean())
+            # d. answers that have arrived; e. refit, renormalise, relabel
+            take_answers()
+            stats = fit(cfg.rm_steps)
+            row.update({f"{run}/rm_{k}": v for k, v in stats.items()})
+            row.update({f"{run}/labels_asked": asked, f"{run}/labels_used": len(data)})
+            _save_comparisons(data, out / "labels.npz")
+            ensemble.save(out / "reward_ensemble.pt")
+        # f. evaluation on the true return
+        if step // cfg.eval_every != last_eval or step >= cfg.total_timesteps:
+            last_eval = step // cfg.eval_every
+            returns = evaluate(policy, cfg.env, horizon, eval_seeds)
+            row[f"{run}/return_eval"] = float(np.mean(returns))
+            evals.append({"step": step, "labels_used": len(data), "return_mean": float(np.mean(returns)),
+                          "return_std": float(np.std(returns))})
+        logger.log(step, **row)
+        bar.set_postfix_str(f"eval {evals[-1]['return_mean']:.0f}" if evals else "")
+    bar.close()
+
+    agent.save(str(out / f"policy_{run}_reward.zip"))
+    final = evaluate(policy, cfg.env, horizon, eval_seeds)
+    result = {"eval_returns": [float(r) for r in final], "return_mean": float(np.mean(final)),
+              "return_std": float(np.std(final)), "env_steps": int(agent.num_timesteps),
+              "wall_s": round(time.time() - t0, 1),
+              "cpu_s": round(time.process_time() - cpu0, 1), "curve": evals}
+    if learned:
+        result.update(labels_asked=asked, labels_used=len(data),
+                      labels_skipped=getattr(labeler, "skipped", 0), labels_pending=labeler.pending)
+    env.close()
+    return result
+
+
+def _save_comparisons(data: Comparisons, path: Path) -> None:
+    if len(data):
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            data.save(f)
+        tmp.replace(path)
+
+
+def score(learned: float, true: float, random: float) -> dict:
+    """How the preference agent compares with the true-reward agent.
+
+    normalised_score = (R_learned - R_random) / (R_true - R_random): 1 means as good as
+    training on the true reward, 0 no better than acting at random; it works for any sign
+    of return. return_ratio is the plain ratio oriented so that 1 is parity and less is
+    worse: R_learned / R_true for positive returns, R_true / R_learned for negative ones
+    (Pendulum: the ratio of costs).
+    """
+    out = {"normalised_score": (learned - random) / (true - random) if true != random else float("nan")}
+    if learned > 0 and true > 0:
+        out["return_ratio"] = learned / true
+    elif learned < 0 and true < 0:
+        out["return_ratio"] = true / learned
+    else:
+        out["return_ratio"] = float("nan")
+    return out
+
+
+def train(cfg: ControlTrainConfig) -> dict:
+    _check(cfg)
+    torch.set_num_threads(max(1, cfg.threads))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    heed_config.save(cfg, out / "config.yaml")
+    logger = MetricsLogger(out)
+    t0, cpu0 = time.time(), time.process_time()
+    report: dict = {"env": cfg.env, "algo": cfg.algo, "total_timesteps": cfg.total_timesteps, "config": asdict(cfg)}
+    try:
+        if cfg.reward == "learned":
+            report["learned"] = run_agent(cfg, True, out, logger)
+        if cfg.reward == "true" or cfg.baseline:
+            report["true"] = run_agent(cfg, False, out, logger)
+    finally:
+        logger.close()
+    horizon = cfg.horizon or default_horizon(cfg.env)
+    rand = evaluate(None, cfg.env, horizon, [10_000 + 100 * cfg.seed + i for i in range(cfg.eval_episodes)])
+    report["random"] = {"eval_returns": [float(r) for r in rand], "return_mean": float(np.mean(rand)),
+                        "return_std": float(np.std(rand))}
+    if "learned" in report and "true" in report:
+        report.update(score(report["learned"]["return_mean"], report["true"]["return_mean"],
+                            report["random"]["return_mean"]))
+    report["wall_s"] = round(time.time() - t0, 1)
+    report["cpu_s"] = round(time.process_time() - cpu0, 1)  # CPU time of this process: wall time on an idle machine
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    from heed.control.report import write_html
+
+    write_html(report, out)
+    _print_summary(report, out)
+    return report
+
+
+def _print_summary(report: dict, out: Path) -> None:
+    lines = [f"{report['env']} ({report['algo']}, {report['total_timesteps']} env steps), true return over "
+             f"{len(report['random']['eval_returns'])} evaluation episodes:"]
+    for run, name in (("learned", "learned reward"), ("true", "true reward"), ("random", "random policy")):
+        if run in report:
+            r = report[run]
+            extra = f", {r['labels_used']} labels" if "labels_used" in r else ""
+            extra += f", {r['wall_s']:.0f}s" if "wall_s" in r else ""
+            lines.append(f"  {name:<15} {r['return_mean']:9.1f} ± {r['return_std']:.1f}{extra}")
+    if "normalised_score" in report:
+        lines.append(f"  normalised score (learned - random) / (true - random) = {report['normalised_score']:.3f}; "
+                     f"return ratio = {report['return_ratio']:.3f}")
+    lines.append(f"  wall time {report['wall_s']:.0f}s, CPU time {report['cpu_s']:.0f}s")
+    lines.append(f"  report: {out / 'report.html'}")
+    print("\n".join(lines))
