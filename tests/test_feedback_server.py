@@ -29,9 +29,11 @@ def server(tmp_path):
     port = load.free_port()
     url = f"http://127.0.0.1:{port}"
     procs = []
+    guide = tmp_path / "guide.md"
+    guide.write_text("# Judge by **correctness**\n")
 
     def start():
-        proc = load.start_server(db, port)
+        proc = load.start_server(db, port, "--guidelines", str(guide))
         procs.append(proc)
         load.wait_ready(url, proc)
         return proc
@@ -99,3 +101,4 @@ def test_killing_the_server_mid_run_loses_no_acknowledged_answer(server):
     item = client.get("/api/next").json()["item"]
     assert client.post("/api/answer", json={"item_id": item["id"], "choice": "skip"}).status_code == 200
     assert client.get("/api/progress").json()["answered"] == before + 1
+    assert "<strong>correctness</strong>" in client.get("/guidelines").text

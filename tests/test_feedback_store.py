@@ -233,3 +233,18 @@ def test_active_selection_serves_the_most_disagreed_items_first(store):
     scorer.stopped.set()
     scorer.join()
     assert store.get_item("late")["priority"] > 0 and scorer.error is None
+
+
+def test_the_schema_and_queries_compile_for_postgresql():
+    """No PostgreSQL server here; check the DDL and the per-request statements render for it."""
+    from sqlalchemy import create_mock_engine
+    from sqlalchemy.dialects import postgresql
+
+    from heed.feedback import store as st
+
+    ddl = []
+    engine = create_mock_engine("postgresql+psycopg://", lambda sql, *a, **k: ddl.append(str(sql.compile(dialect=engine.dialect))))
+    st.metadata.create_all(engine, checkfirst=False)
+    assert any("CREATE INDEX ix_items_open" in d and "WHERE done < overlap" in d for d in ddl)
+    for stmt in (st._NEXT, st._CLAIM, st._USER, st._COUNT_DONE, st._ANSWERED):
+        assert "%(" in str(stmt.compile(dialect=postgresql.dialect()))
