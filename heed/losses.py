@@ -99,3 +99,118 @@ def centering_loss(rewards: torch.Tensor) -> torch.Tensor:
     if rewards.ndim == 1:
         return rewards ** 2
     return rewards.sum(-1) ** 2
+
+
+# ---------------------------------------------------------------------------
+# Policy optimisation (PPO on language models)
+#
+# Layout: (B, T) tensors whose columns are tokens; `mask` is 1 on the response
+# tokens being optimised (right-padded), 0 elsewhere. The value in column t is
+# the value of the state *before* token t, so it lines up with token t's log-prob.
+# ---------------------------------------------------------------------------
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of x over the masked positions (Bessel-corrected by default)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum().clamp(min=2)
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked positions; `shift_mean=False` keeps the mean (for rewards).
+
+    Whitening advantages per batch is PPO practice (Huang et al. 2023, detail 4 of the
+    LM-PPO list, following openai/lm-human-preferences); masked positions come out 0.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) on tokens sampled from pi (Schulman 2020, "Approximating KL").
+
+    With log r = log pi_ref(y) - log pi(y):
+    k1 = -log r (unbiased, can be negative per token); k2 = (log r)^2 / 2 (biased, low
+    variance); k3 = (r - 1) - log r (unbiased and always >= 0).
+    """
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over right-padded tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1},
+    with V and A beyond a response's last token taken as 0 (the episode ends there).
+    Returns (advantages, returns = advantages + values), both (B, T), 0 where mask is 0.
+    """
+    mask = mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(values)
+    next_advantage = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+        # a masked column passes nothing back: the response ended before it
+        next_value = values[:, t] * mask[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, cliprange: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
+
+    loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)),
+    ratio_t = pi(y_t) / pi_old(y_t). Also returns the clip fraction and the approximate
+    KL(pi_old || pi) ~ mean (log ratio)^2 / 2 (the k2 estimator, as in TRL).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).detach(),
+             "approxkl": masked_mean(0.5 * log_ratio ** 2, mask).detach()}
+    return loss, stats
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: torch.Tensor, cliprange_value: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss (as in openai/baselines ppo2 and lm-human-preferences):
+
+    0.5 * mean_t max((V_t - R_t)^2, (clip(V_t, V_old - eps, V_old + eps) - R_t)^2).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped = (values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    return loss, {"vf_clipfrac": masked_mean((clipped > unclipped).float(), mask).detach()}
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution over the last dimension."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
