@@ -51,8 +51,11 @@ def test_every_page_and_call_needs_a_valid_token(env):
             assert r.status_code == 303 and r.headers["location"] == "/login", path
         for path in ("/api/next", "/api/progress", "/api/export"):
             assert c.get(path).status_code == 401
-        for path in ("/answer", "/undo", "/logout", "/api/answer", "/api/undo"):
-            assert c.post(path, data={"item_id": "evil", "choice": "A"}).status_code == 401
+        for path in ("/answer", "/undo", "/logout"):
+            r = c.post(path, data={"item_id": "evil", "choice": "A"})
+            assert r.status_code == 303 and r.headers["location"] == "/login", path
+        for path in ("/api/answer", "/api/undo"):
+            assert c.post(path, json={"item_id": "evil", "choice": "A"}).status_code == 401
         bearer = TestClient(app).get("/api/next", headers={"Authorization": f"Bearer {token}"})
         assert bearer.status_code == 401
     assert store.answers() == []
@@ -72,6 +75,7 @@ def test_login_form_sets_the_session_and_needs_its_nonce(env):
     assert r.status_code == 303 and r.headers["location"] == "/"
     assert "httponly" in r.headers["set-cookie"].lower() and "samesite=lax" in r.headers["set-cookie"].lower()
     assert 'data-kind="pair"' in c.get("/").text
+    assert c.get("/login").headers["location"] == "/"  # logged in already
 
 
 def test_model_output_is_escaped_and_no_inline_script_may_run(env):

@@ -231,9 +231,9 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
 
     @app.exception_handler(NeedLogin)
     async def _need_login(request: Request, _exc: NeedLogin):
-        if request.url.path.startswith("/api/") or request.method != "GET":
+        if request.url.path.startswith("/api/"):
             return JSONResponse({"error": "a valid login token is required"}, status_code=401)
-        return RedirectResponse("/login", status_code=303)
+        return RedirectResponse("/login", status_code=303)  # nothing was done: a browser logs in
 
     @app.exception_handler(Refused)
     async def _refused(request: Request, exc: Refused):
@@ -250,6 +250,8 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
 
     @app.get("/login")
     def login_page(request: Request, notice: str = ""):
+        if store.authenticate(request.cookies.get(SESSION_COOKIE)) is not None:
+            return RedirectResponse("/", status_code=303)
         nonce = secrets.token_urlsafe(16)
         response = templates.TemplateResponse(request, "login.html",
                                               {"user": None, "nonce": nonce, "notice": NOTICES.get(notice)})
