@@ -254,3 +254,23 @@ def test_tiny_run_beats_a_random_policy(tmp_path):
     assert saved["learned"]["return_mean"] == report["learned"]["return_mean"]
     assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") >= 3
     assert (tmp_path / "reward_ensemble.pt").exists() and (tmp_path / "policy_learned_reward.zip").exists()
+
+
+def test_human_labeler_with_the_feedback_store(tmp_path):
+    """The same labeler against the real app store, when it is installed."""
+    store_mod = pytest.importorskip("heed.feedback.store")
+    env = PreferenceEnv(FixedHorizon(gym.make("HeedReach1D-v0", render_mode="rgb_array"), 20), record_frames=True)
+    env.reset(seed=0)
+    for _ in range(20):
+        env.step(env.action_space.sample())
+    pairs = sample_pairs(list(env.episodes), 2, 6, np.random.default_rng(0))
+    store = store_mod.Store(tmp_path / "feedback.db")
+    labeler = HumanLabeler(store, tmp_path / "clips")
+    labeler.submit(pairs)
+    item, order = store.next_item("ann")
+    assert item["responses"][0]["media"].endswith(".gif")
+    store.submit("ann", item["id"], {"choice": "A"})  # A is the clip shown first: original index order[0]
+    ((got, mu),) = labeler.collect()
+    i = [it["id"] for it in store.all_items()].index(item["id"])
+    assert mu[0] == (1.0 if order[0] == 0 else 0.0)
+    assert np.array_equal(got.obs0[0], pairs.obs0[i]) and labeler.pending == 1
