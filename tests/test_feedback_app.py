@@ -170,6 +170,17 @@ def test_media_is_served_only_for_items(env):
     assert c.get("/media/5/..%2f..%2fetc%2fpasswd").status_code in (404, 422)
 
 
+def test_animations_are_shown_as_looping_video(tmp_path):
+    (tmp_path / "run.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")  # only the name and type matter here
+    store = Store(tmp_path / "db.sqlite")
+    store.add_items([{"id": "v", "prompt": "Which run?", "responses": [{"media": str(tmp_path / "run.mp4")}, "text"]}])
+    token = store.add_user("ann")
+    c = client_for(create_app(store), token)
+    page = c.get("/").text
+    assert re.search(r'<video class="media" src="/media/1/0" controls autoplay loop muted playsinline', page)
+    assert c.get("/media/1/0").headers["content-type"] == "video/mp4"
+
+
 def test_admin_page_and_export_are_for_admins(env):
     store, app, tokens = env
     ann = TestClient(app, headers={"Authorization": f"Bearer {tokens['ann']}"})

@@ -379,7 +379,7 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
         rm = reward_model_agreement(answers, items) if reward_model_name else None
         comments = [a for a in answers if a["comment"]][-20:][::-1]
         ctx = {"user": user, "csrf": csrf_for(token), "overview": store.overview(),
-               "agreement": agreement_report(answers), "rm": rm, "rm_name": reward_model_name,
+               "agreement": {kind: r for kind, r in agreement_report(answers).items() if r["units"]}, "rm": rm, "rm_name": reward_model_name,
                "scorer_error": getattr(scorer, "error", None), "comments": comments,
                "kinds": list(EXPORT_KINDS), "has_guidelines": guidelines_html is not None,
                "counts": {kind: sum(a["kind"] == k and a["choice"] != "skip" for a in answers)

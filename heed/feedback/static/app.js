@@ -86,6 +86,12 @@
     form.requestSubmit();
   }
 
+  // Small images (agent clips) are scaled up: keep their pixels sharp rather than blurred.
+  document.querySelectorAll("img.media").forEach((img) => {
+    const mark = () => { if (img.naturalWidth && img.naturalWidth < img.clientWidth) img.classList.add("upscaled"); };
+    if (img.complete) mark(); else img.addEventListener("load", mark);
+  });
+
   if (form) {
     form.addEventListener("change", refresh);
     form.addEventListener("submit", (e) => {
