@@ -51,7 +51,7 @@ def test_concurrent_annotators_exactly_once_while_the_queue_grows(server, tmp_pa
     proc = start()
     result = load.LoadResult()
     runner = threading.Thread(target=load.run_load, args=(url, tokens, 3.0),
-                              kwargs={"undo_rate": 0.1, "result": result})
+                              kwargs={"undo_rate": 0.3, "result": result})
     runner.start()
     # `heed label add` from another process while annotators are at work
     queue = tmp_path / "more.jsonl"

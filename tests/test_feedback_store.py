@@ -129,11 +129,11 @@ def test_skips_do_not_count_toward_overlap(store):
 
 
 def test_claims_hold_an_item_until_they_expire(tmp_path):
-    store = Store(tmp_path / "db.sqlite", claim_seconds=0.3)
+    store = Store(tmp_path / "db.sqlite", claim_seconds=1.0)
     store.add_items(pairs(1))
     assert store.next_item("ann") is not None
     assert store.next_item("bob") is None  # ann is looking at the only slot
-    time.sleep(0.35)
+    time.sleep(1.05)
     assert store.next_item("bob") is not None  # ann walked away
     store.close()
 
