@@ -36,6 +36,11 @@ def read_queue(path: str | Path, *, overlap: int = 1, skip_invalid: bool = False
                      skip_invalid=skip_invalid, what="items")
 
 
+def _check_overlap(overlap: int) -> None:
+    if not 1 <= overlap <= 100:
+        raise HeedError(f"--overlap must be from 1 to 100, got {overlap}")
+
+
 def _add_queue(store, queue: str, overlap: int, skip_invalid: bool) -> tuple[int, int]:
     """(items in the file, items newly added)."""
     parsed = read_queue(queue, overlap=overlap, skip_invalid=skip_invalid)
@@ -65,6 +70,11 @@ def serve(cfg: ServeConfig) -> None:
     from heed.feedback.app import create_app
     from heed.feedback.store import Store
 
+    _check_overlap(cfg.overlap)
+    if not 0 < cfg.port < 65536:
+        raise HeedError(f"--port must be from 1 to 65535, got {cfg.port}")
+    if cfg.claim_minutes <= 0 or cfg.max_body_kb <= 0:
+        raise HeedError("--claim-minutes and --max-body-kb must be positive")
     store = Store(cfg.db, claim_seconds=cfg.claim_minutes * 60)
     if cfg.queue:
         n, added = _add_queue(store, cfg.queue, cfg.overlap, cfg.skip_invalid)
@@ -127,6 +137,7 @@ class AddConfig:
 def add(cfg: AddConfig) -> None:
     from heed.feedback.store import Store
 
+    _check_overlap(cfg.overlap)
     store = Store(cfg.db)
     n, added = _add_queue(store, cfg.queue, cfg.overlap, cfg.skip_invalid)
     print(f"{cfg.queue}: {n} items, {added} new, {n - added} already queued")
