@@ -51,11 +51,13 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 @torch.no_grad()
 def sample_tokens(model, prompt_ids: Sequence[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None):
+                  generator: torch.Generator | None = None, value_head: torch.nn.Module | None = None):
     """Sample continuations of token-id prompts.
 
     Returns (tokens (B, R) padded with pad_id after EOS, logprobs (B, R) zero on
-    padding, finished (B,) bool).
+    padding, finished (B,) bool, values (B, R) or None). With `value_head` (PPO's
+    value head on the policy trunk), the value of the state before each token is
+    read off the same forward pass that chose the token: no second pass.
     """
     device = next(model.parameters()).device
     B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
@@ -65,13 +67,17 @@ def sample_tokens(model, prompt_ids: Sequence[list[int]], *, pad_id: int, eos_id
         input_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
         attention[i, P - len(p):] = 1
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    if value_head is not None:
+        extra["output_hidden_states"] = True
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids(attention),
                 use_cache=True, **extra)
     next_pos = attention.sum(-1)  # (B,) position of the next token
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, logprobs = [], []
+    tokens, logprobs, values = [], [], []
     for _ in range(max_new_tokens):
         logits = out.logits[:, -1, :].float()
+        if value_head is not None:
+            values.append(value_head(out.hidden_states[-1][:, -1]).squeeze(-1).float().masked_fill(finished, 0.0))
         if temperature > 0:
             scaled = logits / temperature
             probs = _filter_logits(scaled, top_k, top_p).softmax(-1)
@@ -89,9 +95,11 @@ def sample_tokens(model, prompt_ids: Sequence[list[int]], *, pad_id: int, eos_id
             break
         attention = torch.cat([attention, real.long()[:, None]], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos[:, None],
-                    past_key_values=out.past_key_values, use_cache=True)
+                    past_key_values=out.past_key_values, use_cache=True,
+                    output_hidden_states=value_head is not None)
         next_pos = next_pos + real.long()
-    return torch.stack(tokens, 1), torch.stack(logprobs, 1), finished
+    return (torch.stack(tokens, 1), torch.stack(logprobs, 1), finished,
+            torch.stack(values, 1) if values else None)
 
 
 def generate(model, tokenizer, prompts: Sequence, *, n: int = 1, max_new_tokens: int = 64,
@@ -109,7 +117,7 @@ def generate(model, tokenizer, prompts: Sequence, *, n: int = 1, max_new_tokens:
     bar = progress(total=len(jobs), desc=desc or "sampling", disable=desc is None, unit="sample")
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        tokens, logprobs, finished = sample_tokens(
+        tokens, logprobs, finished, _ = sample_tokens(
             model, [prompt_ids[i] for i, _ in chunk], pad_id=tokenizer.pad_token_id,
             eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, generator=generator)

@@ -197,23 +197,27 @@ def forward_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return out.last_hidden_state
 
 
-def token_logprobs(model, batch: Batch, *, temperature: float = 1.0, hidden: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+def token_logprobs(model, batch: Batch, *, temperature: float = 1.0, hidden: torch.Tensor | None = None,
+                   with_entropy: bool = False):
     """Log-probabilities (B, T) of each token given the ones before it (column 0 is 0).
 
     Logits are divided by the sampling temperature, so these match the sampler's
     log-probs. Only the chosen tokens' log-probs are kept: the (B, T, V) logits are
-    freed right away, chunk by chunk over the batch.
+    made and freed in chunks over the batch. With `with_entropy`, also returns the
+    entropy (B, T) of the distribution each token was drawn from.
     """
     if hidden is None:
         hidden = forward_hidden(model, batch.input_ids, batch.attention_mask)
     head = model.get_output_embeddings()
-    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+    entropy = torch.zeros_like(logprobs) if with_entropy else None
     for i in range(0, hidden.shape[0], 8):  # bounded memory for the (b, T, V) logits
-        logits = head(hidden[i:i + 8, :-1]).float() / temperature
+        logp = F.log_softmax(head(hidden[i:i + 8, :-1]).float() / temperature, -1)
         targets = batch.input_ids[i:i + 8, 1:]
-        out[i:i + 8, 1:] = torch.gather(F.log_softmax(logits, -1), 2, targets.unsqueeze(-1)).squeeze(-1)
-    return out
+        logprobs[i:i + 8, 1:] = torch.gather(logp, 2, targets.unsqueeze(-1)).squeeze(-1)
+        if with_entropy:
+            entropy[i:i + 8, 1:] = -(logp.exp() * logp).sum(-1)
+    return (logprobs, entropy) if with_entropy else logprobs
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -76,17 +76,18 @@ class Checkpointer:
         self.accelerator = accelerator
         self.dir = Path(out) / "checkpoint"
 
-    def load(self) -> int:
-        """Restore the last checkpoint if there is one; return the step to start from."""
+    def load(self) -> dict:
+        """Restore the last checkpoint if there is one; return its state ({"step": 0} if none)."""
         state = self.dir / "trainer_state.json"
         if not state.exists():
-            return 0
+            return {"step": 0}
         self.accelerator.load_state(str(self.dir))
-        step = json.loads(state.read_text())["step"]
-        self.accelerator.print(f"resuming from {self.dir} at step {step}")
-        return step
+        trainer_state = json.loads(state.read_text())
+        self.accelerator.print(f"resuming from {self.dir} at step {trainer_state['step']}")
+        return trainer_state
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, **state) -> None:
+        """Save at `step`; `state` (JSON-serialisable) comes back from load() on resume."""
         tmp = self.dir.with_name("checkpoint.tmp")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process and tmp.exists():
@@ -94,7 +95,7 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
         if self.accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}))
             if self.dir.exists():
                 shutil.rmtree(self.dir)
             tmp.rename(self.dir)
@@ -173,7 +174,7 @@ def train_lm(model, tokenizer, train: list[LMExample], heldout: list[LMExample],
     optimizer, scheduler = make_optimizer(model, cfg, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     checkpointer = Checkpointer(accelerator, out)
-    start = checkpointer.load()
+    start = checkpointer.load()["step"]
     logger = MetricsLogger(out, enabled=accelerator.is_main_process)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
