@@ -70,6 +70,8 @@ def test_login_form_sets_the_session_and_needs_its_nonce(env):
     r = c.post("/login", data={"nonce": nonce, "token": "wrong"})
     assert r.headers["location"] == "/login?notice=badtoken" and "heed_session" not in c.cookies
     forged = client_for(app).post("/login", data={"nonce": "guess", "token": tokens["ann"]})
+    c.cookies.set("heed_login", nonce)
+    assert c.post("/login", data={"nonce": "ñ", "token": tokens["ann"]}).headers["location"] == "/login?notice=expired"
     assert forged.headers["location"] == "/login?notice=expired"  # no cookie to match: refused
     r = c.post("/login", data={"nonce": nonce, "token": tokens["ann"]})
     assert r.status_code == 303 and r.headers["location"] == "/"
@@ -105,6 +107,7 @@ def test_forged_form_posts_without_the_csrf_token_are_refused(env):
     other = client_for(app, tokens["admin"])
     other_csrf = csrf_of(other.get("/").text)  # a valid token, but for someone else's session
     assert c.post("/answer", data={"item_id": item_id, "choice": "A", "csrf": other_csrf}).status_code == 403
+    assert c.post("/answer", data={"item_id": item_id, "choice": "A", "csrf": "é" * 64}).status_code == 403
     assert c.post("/undo", data={}).status_code == 403
     assert c.post("/logout", data={}).status_code == 403
     assert c.post("/api/answer", json={"item_id": item_id, "choice": "A"}).status_code == 403  # cookie, no header

@@ -226,7 +226,7 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
     def check_csrf(request: Request, token: str, given: str | None) -> None:
         """Only a cookie is sent by the browser on its own; a bearer token is proof enough."""
         _, from_cookie = request_token(request)
-        if from_cookie and not (isinstance(given, str) and hmac.compare_digest(given, csrf_for(token))):
+        if from_cookie and not (isinstance(given, str) and hmac.compare_digest(given.encode(), csrf_for(token).encode())):
             raise Refused(403, "missing or invalid CSRF token; reload the page and try again")
 
     @app.exception_handler(NeedLogin)
@@ -263,7 +263,7 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
     async def login(request: Request):
         form = await request.form()
         nonce, given = request.cookies.get(LOGIN_COOKIE), form.get("nonce")
-        if not (nonce and isinstance(given, str) and hmac.compare_digest(nonce, given)):
+        if not (nonce and isinstance(given, str) and hmac.compare_digest(nonce.encode(), given.encode())):
             return RedirectResponse("/login?notice=expired", status_code=303)
         token = form.get("token")
         token = token.strip() if isinstance(token, str) else None
