@@ -64,7 +64,9 @@ def labelled(tmp_path_factory):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    deadline = time.time() + 30
     while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the app did not start"
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}"
     seen: dict = {"alerts": [], "errors": []}
