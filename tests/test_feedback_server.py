@@ -50,7 +50,7 @@ def test_concurrent_annotators_exactly_once_while_the_queue_grows(server, tmp_pa
     db, tokens, url, start = server
     proc = start()
     result = load.LoadResult()
-    runner = threading.Thread(target=load.run_load, args=(url, tokens, 3.0),
+    runner = threading.Thread(target=load.run_load, args=(url, tokens, 120.0),
                               kwargs={"undo_rate": 0.3, "result": result})
     runner.start()
     # `heed label add` from another process while annotators are at work
@@ -59,12 +59,17 @@ def test_concurrent_annotators_exactly_once_while_the_queue_grows(server, tmp_pa
                              for k in range(50)))
     added = subprocess.run([sys.executable, "-m", "heed.cli", "label", "add", "--db", str(db), "--queue", str(queue)],
                            capture_output=True, text=True, timeout=60)
+    # At least 3 s of load and 40 answers, however busy the machine (capped at 60 s).
+    t0 = time.time()
+    while time.time() - t0 < 60 and (time.time() - t0 < 3 or result.answers_acked < 40 or not result.undos_acked):
+        time.sleep(0.05)
+    result.stop = True
     runner.join()
     proc.terminate()
     proc.wait(timeout=10)
     assert added.returncode == 0 and "50 new" in added.stdout, added.stderr
     check = load.check_exactly_once(db, result)
-    assert result.answers_acked > 20 and result.undos_acked > 0 and result.unknown == 0
+    assert result.answers_acked >= 40 and result.undos_acked > 0 and result.unknown == 0
     assert check["missing"] == check["doubled"] == check["unexplained"] == check["changed"] == 0, check
     assert check["acknowledged"] == check["in_db"]
     assert len(Store(db).all_items()) == 650
@@ -77,7 +82,7 @@ def test_killing_the_server_mid_run_loses_no_acknowledged_answer(server):
     runner = threading.Thread(target=load.run_load, args=(url, tokens, 60.0),
                               kwargs={"undo_rate": 0.0, "result": result})
     runner.start()
-    deadline = time.time() + 30
+    deadline = time.time() + 90  # however busy the machine
     while result.answers_acked < 30 and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # mid-request, no shutdown hooks, no clean close of the database
