@@ -1,9 +1,10 @@
 """The feedback database: items to label, annotators, who is shown what, and every answer.
 
 `Store(url_or_path)` opens (and creates) it: a plain path is a SQLite file, run
-in WAL mode with `synchronous=FULL`, so an answer the server has acknowledged
-is on disk even if the process is killed the next instant; any other
-SQLAlchemy URL (`postgresql://...`) works the same way.
+in WAL mode; answers, undos, items and users commit with `synchronous=FULL`, so
+an answer the server has acknowledged is on disk even if the process (or the
+machine) dies the next instant. Claims skip the fsync: losing one costs nothing.
+Any other SQLAlchemy URL (`postgresql://...`) works the same way.
 
 Tables:
     items       one row per thing to judge, in queue order (`seq`); `done` counts its
