@@ -95,6 +95,8 @@ def labelled(tmp_path_factory):
                 page.keyboard.press("Enter")
             page.wait_for_selector("#answer-form")
 
+            seen["progress_start"] = page.inner_text("#progress")
+
             # 2. a pair by keyboard: "1" picks the left one, Enter submits
             item, texts = shown()
             seen["pair0"] = (item, texts)
@@ -132,6 +134,10 @@ def labelled(tmp_path_factory):
             seen["ranks"] = [page.input_value(f"select[name=rank_{k}]") for k in range(3)]
             press_and_wait("Enter")
             seen["done"] = page.locator("#done").count()
+
+            seen["progress_end"] = page.inner_text("#progress")
+            page.click("text=Guidelines")
+            seen["guidelines"] = page.inner_text("article.guidelines")
 
             # 7. export from the admin page
             page.goto(url + "/admin")
@@ -172,6 +178,9 @@ def test_browser_labelling_session(labelled):
     assert s["after_skip"] == "rank0" and "withdrawn" in s["notice"]
     assert s["pair2"] == s["pair2_before_undo"]
     assert s["ranks"] == ["2", "3", "1"] and s["done"] == 1
+    assert "0 answered" in s["progress_start"] and "4 left for you" in s["progress_start"]
+    assert "4 answered" in s["progress_end"] and "4/4 items complete" in s["progress_end"]
+    assert s["guidelines"].startswith("How to judge")
 
     by_item = {a["item_id"]: a for a in s["answers"]}
     assert len(s["answers"]) == 4  # the skip was withdrawn
