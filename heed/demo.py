@@ -1,0 +1,184 @@
+"""`heed demo`: the whole RLHF pipeline on the embedded world, with a report.
+
+ 1. world     knowledge base, corpus, demonstrations, train and held-out prompts
+ 2. pretrain  tokenizer + tiny causal LM on the corpus
+ 3. sft       fine-tune on the demonstrations
+ 4. sample    two responses per training prompt from the SFT policy
+ 5. label     the simulated labeler compares each pair (noisy, like people)
+ 6. rm        reward model on those labels, normalised on SFT samples
+ 7. ppo       PPO against the reward model, KL-tethered to the SFT policy
+ 8. eval      base, SFT and PPO on held-out prompts, judged by the gold oracle
+ 9. report    DIR/report.json and DIR/report.html
+
+Every stage writes its own directory under --out and is skipped when already
+done, so a killed demo rerun with the same command picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from heed.config import option
+from heed.utils import atomic_write_text, read_metrics
+
+
+@dataclass
+class DemoConfig:
+    out: str = option("runs/demo", "directory for every stage's output and the report")
+    quick: bool = option(False, "tiny budgets everywhere: a smoke test of the whole pipeline in a couple of minutes")
+    seed: int = option(0, "seed of the world and every stage")
+    preset: str = option("tiny", "model preset for the pretrained base")
+    pretrain_steps: int = option(300, "pretraining steps")
+    sft_epochs: float = option(6.0, "SFT passes over the demonstrations")
+    label_budget: int = option(2000, "pairs labelled by the simulated labeler for the reward model")
+    rm_epochs: float = option(2.0, "reward-model passes over the labels")
+    ppo_steps: int = option(40, "PPO iterations (64 prompts each)")
+    ppo_lr: float = option(3e-4, "PPO learning rate")
+    eval_prompts: int = option(600, "held-out prompts for the final evaluation")
+    bf16: bool = option(False, "bf16 autocast in every training stage")
+
+
+def _quick(cfg: DemoConfig) -> DemoConfig:
+    """The smoke-test budgets (`--quick`)."""
+    return DemoConfig(out=cfg.out, quick=True, seed=cfg.seed, preset=cfg.preset, pretrain_steps=20,
+                      sft_epochs=1.0, label_budget=120, rm_epochs=1.0, ppo_steps=3, ppo_lr=cfg.ppo_lr,
+                      eval_prompts=40, bf16=cfg.bf16)
+
+
+class Stages:
+    """Prints a numbered header per stage and records each stage's wall time."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.t0, self.walls = total, 0, time.time(), {}
+
+    def start(self, name: str, what: str) -> float:
+        self.n += 1
+        print(f"\n[{self.n}/{self.total}] {name}: {what}  (t = {time.time() - self.t0:.0f}s)", flush=True)
+        return time.time()
+
+    def done(self, name: str, started: float) -> None:
+        self.walls[name] = round(time.time() - started, 1)
+
+
+def run(cfg: DemoConfig) -> dict:
+    from heed.algos.ppo import PPOConfig, run as ppo_run
+    from heed.algos.pretrain import PretrainConfig, run as pretrain_run
+    from heed.algos.reward import RewardTrainConfig, train as rm_train
+    from heed.algos.sft import SFTConfig, run as sft_run
+    from heed.data import read_prompts, write_jsonl
+    from heed.evaluate import gold_scores, kl_to, mean_se, summarise, win_rate
+    from heed.generate import generate
+    from heed.label_oracle import label
+    from heed.models import load_policy
+    from heed.report import render_html, training_plots
+    from heed.world import SimulatedLabeler, write_world
+
+    if cfg.quick:
+        cfg = _quick(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(9)
+    common = dict(seed=cfg.seed, bf16=cfg.bf16)
+
+    t = stages.start("world", "the embedded assistant world")
+    world = out / "world"
+    sizes = dict(n_corpus=1500, n_demos=120, n_train_prompts=300, n_heldout_prompts=100) if cfg.quick else {}
+    if not (world / "prompts_heldout.jsonl").exists():
+        write_world(world, cfg.seed, **sizes)
+    stages.done("world", t)
+
+    t = stages.start("pretrain", f"a {cfg.preset} causal LM on the corpus ({cfg.pretrain_steps} steps)")
+    pretrain_run(PretrainConfig(corpus=str(world / "corpus.jsonl"), out=str(out / "base"), model=cfg.preset,
+                                steps=cfg.pretrain_steps, eval_every=max(1, cfg.pretrain_steps // 5),
+                                save_every=max(1, cfg.pretrain_steps // 5), **common))
+    stages.done("pretrain", t)
+
+    t = stages.start("sft", "supervised fine-tuning on the demonstrations")
+    sft_run(SFTConfig(model=str(out / "base"), data=str(world / "demos.jsonl"), out=str(out / "sft"),
+                      epochs=cfg.sft_epochs, **common))
+    stages.done("sft", t)
+
+    train_prompts = read_prompts(world / "prompts_train.jsonl")
+    labels_path = out / "labels.jsonl"
+    t = stages.start("sample", "two responses per training prompt from the SFT policy")
+    n_prompts = min(len(train_prompts), cfg.label_budget)
+    samples_path = out / "samples.jsonl"
+    if not samples_path.exists():
+        sft, tok = load_policy(out / "sft")
+        samples = generate(sft, tok, train_prompts[:n_prompts], n=2, max_new_tokens=48, seed=cfg.seed,
+                           desc="sample")
+        write_jsonl(samples_path, [{"prompt": s.prompt, "response": s.response, "finished": s.finished}
+                                   for s in samples])
+    stages.done("sample", t)
+
+    t = stages.start("label", f"the simulated labeler compares up to {cfg.label_budget} pairs")
+    if not labels_path.exists():
+        rows = [json.loads(line) for line in samples_path.read_text().splitlines()]
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault(r["prompt"], (r["prompt"], []))[1].append(r["response"])
+        labelled, skipped = label(list(groups.values()), "pairs", SimulatedLabeler(cfg.seed),
+                                  budget=cfg.label_budget)
+        write_jsonl(labels_path, labelled)
+        print(f"labelled {len(labelled)} pairs ({skipped} identical pairs skipped)")
+    n_labels = sum(1 for _ in labels_path.open())
+    stages.done("label", t)
+
+    t = stages.start("rm", "reward model on the labels")
+    rm_result = rm_train(RewardTrainConfig(model=str(out / "sft"), data=[str(labels_path)], out=str(out / "rm"),
+                                           epochs=cfg.rm_epochs, norm_samples=64 if cfg.quick else 256, **common))
+    stages.done("rm", t)
+
+    t = stages.start("ppo", f"PPO against the reward model ({cfg.ppo_steps} iterations)")
+    ppo_cfg = PPOConfig(policy=str(out / "sft"), prompts=str(world / "prompts_train.jsonl"), reward=[str(out / "rm")],
+                        out=str(out / "ppo"), steps=cfg.ppo_steps, lr=cfg.ppo_lr, **common)
+    if cfg.quick:
+        ppo_cfg.batch_size, ppo_cfg.mini_batch_size, ppo_cfg.micro_batch_size = 16, 8, 8
+    ppo_run(ppo_cfg)
+    stages.done("ppo", t)
+
+    t = stages.start("eval", "base, SFT and PPO on held-out prompts, judged by the gold oracle")
+    heldout = read_prompts(world / "prompts_heldout.jsonl")[:cfg.eval_prompts]
+    models = {name: load_policy(out / name) for name in ("base", "sft", "ppo")}
+    tok = models["sft"][1]
+    samples, scores = {}, {}
+    for name, (model, _) in models.items():
+        samples[name] = generate(model, tok, heldout, max_new_tokens=48, temperature=1.0, seed=cfg.seed + 1,
+                                 desc=f"eval {name}")
+        scores[name] = gold_scores(heldout, [s.response for s in samples[name]])
+    stage_stats = {name: summarise(samples[name], scores[name]) for name in models}
+    kl_ppo, kl_ppo_se = mean_se(kl_to(models["sft"][0], samples["ppo"], tok.pad_token_id))
+    stage_stats["ppo"].update(kl_to_ref=kl_ppo, kl_to_ref_se=kl_ppo_se, wall_s=stages.walls["ppo"])
+    stage_stats["sft"].update(kl_to_ref=0.0, wall_s=stages.walls["sft"])
+    stage_stats["base"].update(wall_s=stages.walls["pretrain"])
+    sft_vs_base, sft_vs_base_se = win_rate(scores["sft"], scores["base"])
+    ppo_vs_sft, ppo_vs_sft_se = win_rate(scores["ppo"], scores["sft"])
+    stages.done("eval", t)
+
+    t = stages.start("report", f"{out / 'report.json'} and {out / 'report.html'}")
+    report = {
+        "elapsed_s": round(time.time() - stages.t0, 1),
+        "quick": cfg.quick,
+        "stages": stage_stats,
+        "win_rates": {"sft_vs_base": sft_vs_base, "sft_vs_base_se": sft_vs_base_se,
+                      "ppo_vs_sft": ppo_vs_sft, "ppo_vs_sft_se": ppo_vs_sft_se},
+        "reward_model": {"n_labels": n_labels,
+                         "heldout_accuracy_vs_gold": rm_result.get("gold_accuracy"),
+                         "heldout_accuracy": rm_result.get("accuracy")},
+        "eval": {"n_prompts": len(heldout), "temperature": 1.0},
+        "stage_seconds": stages.walls,
+    }
+    examples = [{"prompt": p, "models": list(models),
+                 **{k: samples[k][i].response for k in models}, **{f"{k}_score": scores[k][i] for k in models}}
+                for i, p in enumerate(heldout[:12])]
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.html", render_html(report, training_plots(read_metrics(out / "ppo")), examples))
+    print(f"\nheld-out gold score: base {stage_stats['base']['gold_mean']:.3f}, sft {stage_stats['sft']['gold_mean']:.3f}, "
+          f"ppo {stage_stats['ppo']['gold_mean']:.3f} (over {len(heldout)} prompts)")
+    print(f"win rate sft vs base {sft_vs_base:.3f} ± {sft_vs_base_se:.3f}; ppo vs sft {ppo_vs_sft:.3f} ± "
+          f"{ppo_vs_sft_se:.3f}; KL(ppo || sft) {kl_ppo:.2f} nats")
+    print(f"done in {report['elapsed_s']:.0f}s: {out / 'report.html'}")
+    return report
