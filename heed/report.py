@@ -92,7 +92,7 @@ prompts (ties count half), sampling at temperature {report['eval']['temperature'
 <h2>Policies</h2>
 <table><tr><th>model</th><th>gold score</th><th>win rate vs SFT</th><th>KL to reference</th><th>length</th><th>wall s</th></tr>
 {stage_rows}</table>
-<p>SFT beats the pretrained base with win rate {_fmt(report['win_rates'].get('sft_vs_base'))}.
+<p>Win rate of SFT over the pretrained base: {_fmt(report['win_rates'].get('sft_vs_base'))}.
 Reward model: {rm.get('n_labels', '?')} simulated labels; held-out accuracy against the gold oracle's
 noiseless preference {_fmt(rm.get('heldout_accuracy_vs_gold'))}.</p>
 <h2>Training curves</h2>{images}
