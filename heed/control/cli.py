@@ -197,6 +197,8 @@ def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: Metrics
     # 2. initial labels: random pairs from the warm-up episodes, ensemble fitted before RL
     if learned:
         warm = list(env.episodes)
+        if human:  # people need frames, and frames are kept only for the most recent episodes
+            warm = [ep for ep in warm if ep.frames is not None]
         ensemble.set_input_stats(np.concatenate([ep.obs for ep in warm]))
         n0 = cfg.labels if cfg.offline else labels_due(0, rl_total, cfg.labels, cfg.initial_label_fraction,
                                                        cfg.label_decay)
