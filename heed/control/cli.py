@@ -192,13 +192,17 @@ def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: Metrics
     # 1. warm-up: random actions, every episode recorded
     agent.learn(cfg.initial_steps, reset_num_timesteps=False)
     bar.update(agent.num_timesteps)
-    rl_total = cfg.total_timesteps - agent.num_timesteps
+    start = agent.num_timesteps  # PPO/A2C may overshoot --initial-steps by part of a rollout
+    rl_total = cfg.total_timesteps - start
 
     # 2. initial labels: random pairs from the warm-up episodes, ensemble fitted before RL
     if learned:
         warm = list(env.episodes)
         if human:  # people need frames, and frames are kept only for the most recent episodes
             warm = [ep for ep in warm if ep.frames is not None]
+        if not warm:
+            raise HeedError(f"no episode finished in the {start} warm-up steps; raise --initial-steps "
+                            f"above the horizon ({horizon})")
         ensemble.set_input_stats(np.concatenate([ep.obs for ep in warm]))
         n0 = cfg.labels if cfg.offline else labels_due(0, rl_total, cfg.labels, cfg.initial_label_fraction,
                                                        cfg.label_decay)
@@ -238,7 +242,7 @@ def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: Metrics
                 row[f"{run}/rm_corr_step"] = _corr(ensemble.reward(steps_obs, steps_act),
                                                    np.concatenate([ep.true_rewards for ep in fresh]))
             # c. queries now due, where the ensemble disagrees most
-            due = 0 if cfg.offline else labels_due(step - cfg.initial_steps, rl_total, cfg.labels,
+            due = 0 if cfg.offline else labels_due(step - start, rl_total, cfg.labels,
                                                    cfg.initial_label_fraction, cfg.label_decay)
             k = min(due, cfg.labels) - asked
             if k > 0:
