@@ -64,7 +64,7 @@ class RewardTrainConfig(TrainConfig):
     max_response_len: int = option(96, "response tokens kept (EOS included)")
     norm_samples: int = option(256, "SFT samples on training prompts for the normalisation (0 = none)")
     norm_max_new_tokens: int = option(64, "token limit of those samples")
-    lr: float = option(3e-4, "peak learning rate (AdamW), warmed up then annealed to zero")
+    lr: float = option(1e-3, "peak learning rate (AdamW), warmed up then annealed to zero")
     warmup_steps: int = option(10, "linear warm-up steps")
     batch_size: int = option(32, "global batch size (feedback rows per optimiser step, all processes)")
     micro_batch_size: int = option(32, "feedback rows per forward pass (gradient accumulation below this)")
