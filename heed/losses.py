@@ -214,3 +214,96 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the categorical distribution over the last dimension."""
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+# ---------------------------------------------------------------------------
+# Direct and critic-free policy optimisation: DPO, IPO, REBEL, GRPO, RLOO
+#
+# Sequence log-probabilities (B,) are sums over a response's tokens of log pi(y_t | ...);
+# `*_ref_*` are the frozen reference's, `old_*` those of the policy before this update.
+# ---------------------------------------------------------------------------
+
+def dpo_implicit_reward(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """The reward a DPO policy implies (Rafailov et al. 2023, eq. 5, less the partition term):
+    beta * (log pi(y|x) - log pi_ref(y|x)), (B,)."""
+    return beta * (logps - ref_logps)
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair loss (B,) of the direct preference objectives on sequence log-probs (B,).
+
+    h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)), the log-ratio margin.
+    - "sigmoid": DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * h). With label
+      smoothing eps (the "conservative DPO" of Mitchell 2023: each label is flipped with
+      probability eps) it is -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h).
+    - "ipo": IPO (Azar et al. 2023, eq. 17, with tau = beta): (h - 1 / (2 beta))^2, a squared
+      loss that pulls the margin to a finite target instead of pushing it to infinity.
+    """
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)  # (B,)
+    if loss_type == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    if loss_type == "ipo":
+        if label_smoothing:
+            raise ValueError("label smoothing applies to the sigmoid loss only")
+        return (h - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown DPO loss type {loss_type!r} (sigmoid, ipo)")
+
+
+def rebel_loss(logps_a: torch.Tensor, logps_b: torch.Tensor, old_logps_a: torch.Tensor,
+               old_logps_b: torch.Tensor, rewards_a: torch.Tensor, rewards_b: torch.Tensor,
+               eta: float) -> torch.Tensor:
+    """Per-pair loss (B,) of REBEL (Gao et al. 2024, "Regressing Relative Rewards", Algorithm 1):
+
+        ( 1/eta * [ log pi(y_a|x)/pi_t(y_a|x) - log pi(y_b|x)/pi_t(y_b|x) ] - (r(x, y_a) - r(x, y_b)) )^2
+
+    a least-squares regression of the reward difference onto the difference of the two
+    responses' log-ratios against pi_t, the policy of the previous iteration (`old_*`).
+    """
+    prediction = ((logps_a - old_logps_a) - (logps_b - old_logps_b)) / eta
+    return (prediction - (rewards_a - rewards_b)) ** 2
+
+
+def group_advantages(rewards: torch.Tensor, baseline: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """Per-response advantages (B, K) of K responses to each of B prompts, from their scores (B, K).
+
+    - "group": GRPO (Shao et al. 2024, DeepSeekMath, sec. 4.1.2, outcome supervision):
+      A_i = (r_i - mean(r)) / (std(r) + eps), the group's sample std (Bessel-corrected).
+    - "loo": RLOO (Ahmadian et al. 2024, "Back to Basics", eq. 5; Kool et al. 2019):
+      A_i = r_i - 1/(K-1) sum_{j != i} r_j, the mean of the *other* responses as baseline,
+      which equals K/(K-1) * (r_i - mean(r)).
+    """
+    K = rewards.shape[-1]
+    if K < 2:
+        raise ValueError("group baselines need at least 2 responses per prompt")
+    mean = rewards.mean(-1, keepdim=True)
+    if baseline == "group":
+        return (rewards - mean) / (rewards.std(-1, keepdim=True) + eps)
+    if baseline == "loo":
+        return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (K - 1)
+    raise ValueError(f"unknown baseline {baseline!r} (group, loo)")
+
+
+def grpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                     mask: torch.Tensor, cliprange: float = 0.2, ref_logprobs: torch.Tensor | None = None,
+                     kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The GRPO objective as a loss (Shao et al. 2024, DeepSeekMath, eq. 3), logprobs (B, T).
+
+    Each response's advantage (B,) applies to all its tokens; per token the clipped
+    surrogate min(ratio_t A, clip(ratio_t, 1 - eps, 1 + eps) A) less kl_coef times the k3
+    estimate of KL(pi || pi_ref) (their eq. 4: pi_ref/pi - log(pi_ref/pi) - 1), averaged
+    over each response's tokens (1/|o_i|) and then over responses. With kl_coef = 0 the
+    KL lives in the reward instead (RLOO's choice) and ref_logprobs may be None.
+    """
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages[:, None]
+    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - cliprange, 1 + cliprange) * adv)
+    stats = {"clipfrac": masked_mean(((ratio - 1).abs() > cliprange).float(), mask).detach()}
+    if kl_coef:
+        kl = kl_penalty(logprobs, ref_logprobs, "k3")
+        per_token = per_token + kl_coef * kl
+        stats["kl_k3"] = masked_mean(kl, mask).detach()
+    per_response = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+    return per_response.mean(), stats
