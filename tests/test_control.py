@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -242,13 +243,13 @@ def test_cli_lists_control_options(capsys):
 
 @pytest.mark.slow
 def test_tiny_run_beats_a_random_policy(tmp_path):
-    cfg = ControlTrainConfig(env="HeedReach1D-v0", out=str(tmp_path), total_timesteps=1400, initial_steps=200,
-                             round_steps=300, labels=80, clip_length=5, eval_every=600, eval_episodes=8,
+    cfg = ControlTrainConfig(env="HeedReach1D-v0", out=str(tmp_path), total_timesteps=1000, initial_steps=200,
+                             round_steps=400, labels=60, clip_length=5, eval_every=800, eval_episodes=8,
                              baseline=False, rm_initial_steps=200, rm_steps=60, net_arch=[32, 32])
     report = train(cfg)
     random_returns = evaluate(None, "HeedReach1D-v0", 20, [10_000 + i for i in range(8)])
     assert report["random"]["return_mean"] == pytest.approx(np.mean(random_returns))
-    assert report["learned"]["labels_used"] <= 80
+    assert report["learned"]["labels_used"] <= 60
     assert report["learned"]["return_mean"] > report["random"]["return_mean"] + 10
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["learned"]["return_mean"] == report["learned"]["return_mean"]
@@ -274,3 +275,49 @@ def test_human_labeler_with_the_feedback_store(tmp_path):
     i = [it["id"] for it in store.all_items()].index(item["id"])
     assert mu[0] == (1.0 if order[0] == 0 else 0.0)
     assert np.array_equal(got.obs0[0], pairs.obs0[i]) and labeler.pending == 1
+
+
+def test_human_labeler_recovers_queries_sent_after_the_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = [np.zeros((3, 4, 4, 3), dtype=np.uint8)] * 2
+    pairs = ClipPairs(rng.normal(size=(2, 3, 1)), rng.normal(size=(2, 3, 1)), rng.normal(size=(2, 3, 1)),
+                      rng.normal(size=(2, 3, 1)), np.zeros(2), np.ones(2), frames, frames)
+    store = FakeStore()
+    first = HumanLabeler(store, tmp_path)
+    first.submit(pairs.take([0]))
+    state = first.state()  # the checkpoint
+    first.submit(pairs.take([1]))  # asked, then the run is killed before the next checkpoint
+    again = HumanLabeler(store, tmp_path)
+    assert again.load_state(state) == 1 and again.pending == 2
+    store.answer(store.items[1]["id"], "1")
+    ((got, mu),) = again.collect()
+    assert mu[0] == 0.0 and np.allclose(got.obs0[0], pairs.obs0[1])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes(tmp_path, monkeypatch):
+    import heed.control.cli as control_cli
+
+    cfg = ControlTrainConfig(env="HeedReach1D-v0", out=str(tmp_path), total_timesteps=700, initial_steps=100,
+                             round_steps=200, labels=30, clip_length=5, eval_every=400, eval_episodes=2,
+                             baseline=False, rm_initial_steps=20, rm_steps=10, net_arch=[16, 16])
+    real_save = control_cli._save_checkpoint
+
+    def save_then_die(*args):
+        real_save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(control_cli, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    state = control_cli._load_checkpoint(tmp_path / "checkpoint_learned")
+    labels_then = len(state["comparisons"])
+    assert 0 < labels_then < 30
+    monkeypatch.setattr(control_cli, "_save_checkpoint", real_save)
+    report = train(cfg)
+    assert report["learned"]["env_steps"] == 700 and report["learned"]["labels_used"] == 30
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "learned/wall_s" in r]
+    assert steps == sorted(set(steps))  # no round logged twice
+    with pytest.raises(Exception, match="different settings"):
+        train(ControlTrainConfig(**{**dataclasses.asdict(cfg), "labels": 40}))

@@ -30,7 +30,10 @@ Departures from the paper:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,6 +96,7 @@ class ControlTrainConfig:
     eval_every: int = option(2000, "evaluate on the true return every this many steps")
     eval_episodes: int = option(10, "episodes per evaluation (same seeds for every agent)")
     threads: int = option(1, "torch CPU threads (small networks run fastest on one)")
+    resume: bool = option(True, "continue from the checkpoint in --out when there is one (saved every round)")
 
 
 def _check(cfg: ControlTrainConfig) -> None:
@@ -108,18 +112,22 @@ def _check(cfg: ControlTrainConfig) -> None:
         raise HeedError("--labeler human needs --db PATH (the feedback app's database)")
 
 
-def _make_agent(cfg: ControlTrainConfig, env, seed: int):
-    import gymnasium as gym
+def _agent_class(cfg: ControlTrainConfig):
     from stable_baselines3 import A2C, PPO, SAC, TD3
 
+    return {"sac": SAC, "td3": TD3, "ppo": PPO, "a2c": A2C}[cfg.algo]
+
+
+def _make_agent(cfg: ControlTrainConfig, env, seed: int):
+    import gymnasium as gym
+
+    cls = _agent_class(cfg)
     common = dict(policy_kwargs={"net_arch": list(cfg.net_arch)}, learning_rate=cfg.rl_lr, seed=seed,
                   verbose=0, device="cpu")
     if cfg.algo in ("sac", "td3"):
         if not isinstance(env.action_space, gym.spaces.Box):
             raise HeedError(f"--algo {cfg.algo} needs continuous actions; use --algo ppo or a2c")
-        cls = SAC if cfg.algo == "sac" else TD3
         return cls("MlpPolicy", env, learning_starts=cfg.initial_steps, buffer_size=cfg.total_timesteps, **common)
-    cls = PPO if cfg.algo == "ppo" else A2C
     return cls("MlpPolicy", env, **common)
 
 
@@ -145,6 +153,9 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: MetricsLogger) -> dict:
     """One agent, start to finish: on the learned reward (the paper's loop) or on the true one."""
     run = "learned" if learned else "true"
+    done_path, ckpt_dir = out / f"result_{run}.json", out / f"checkpoint_{run}"
+    if cfg.resume and done_path.exists():
+        return json.loads(done_path.read_text())
     seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     horizon = cfg.horizon or default_horizon(cfg.env)
@@ -174,6 +185,10 @@ def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: Metrics
         env.reward_fn = lambda obs, act: np.zeros(len(obs), dtype=np.float32)  # warm-up: no reward at all
     random_queries = cfg.queries == "random" or cfg.no_ensemble
 
+    def pool(episodes) -> list:
+        # people need frames, and frames are kept only for recent episodes recorded in this process
+        return [ep for ep in episodes if ep.frames is not None] if human else list(episodes)
+
     def take_answers() -> None:
         for pairs, mu in labeler.collect():
             for i in range(len(pairs)):
@@ -189,38 +204,59 @@ def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: Metrics
         _relabel_replay(agent, ensemble)
         return stats
 
-    # 1. warm-up: random actions, every episode recorded
-    agent.learn(cfg.initial_steps, reset_num_timesteps=False)
-    bar.update(agent.num_timesteps)
-    start = agent.num_timesteps  # PPO/A2C may overshoot --initial-steps by part of a rollout
+    state = _load_checkpoint(ckpt_dir) if cfg.resume else None
+    if state is not None:
+        # 0. resume: the agent, its replay buffer, the reward model, the labels, every rng
+        agent = _agent_class(cfg).load(str(ckpt_dir / "agent.zip"), env=env, device="cpu")
+        if (ckpt_dir / "replay_buffer.pkl").exists():
+            agent.load_replay_buffer(str(ckpt_dir / "replay_buffer.pkl"))
+        start, asked, evals, last_eval = state["start"], state["asked"], state["evals"], state["last_eval"]
+        env.episodes.extend(state["episodes"])
+        env.steps, env.episodes_done = state["env_steps"], state["episodes_done"]
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        t0, cpu0 = t0 - state["wall_s"], cpu0 - state["cpu_s"]
+        if learned:
+            ensemble.load_state_dict(state["ensemble"])
+            trainer.load_state(state["trainer"])
+            data = state["comparisons"]
+            asked += labeler.load_state(state["labeler"])  # queries sent after the checkpoint still count
+            env.reward_fn = ensemble.reward
+        _truncate_metrics(out, run, agent.num_timesteps)  # rows logged after the checkpoint are redone
+        bar.update(agent.num_timesteps)
+    else:
+        # 1. warm-up: random actions, every episode recorded
+        agent.learn(cfg.initial_steps, reset_num_timesteps=False)
+        bar.update(agent.num_timesteps)
+        start = agent.num_timesteps  # PPO/A2C may overshoot --initial-steps by part of a rollout
+        evals, last_eval = [], -1
+
+        # 2. initial labels: random pairs from the warm-up episodes, ensemble fitted before RL
+        if learned:
+            warm = pool(env.episodes)
+            if not warm:
+                raise HeedError(f"no episode finished in the {start} warm-up steps; raise --initial-steps "
+                                f"above the horizon ({horizon})")
+            ensemble.set_input_stats(np.concatenate([ep.obs for ep in warm]))
+            rl_total = cfg.total_timesteps - start
+            n0 = cfg.labels if cfg.offline else labels_due(0, rl_total, cfg.labels, cfg.initial_label_fraction,
+                                                           cfg.label_decay)
+            labeler.submit(sample_pairs(warm, n0, cfg.clip_length, rng))
+            asked = n0
+            take_answers()
+            wait_for = min(cfg.human_wait, n0)
+            while human and len(data) < wait_for:
+                bar.set_postfix_str(f"waiting for answers {len(data)}/{wait_for} in {cfg.db}")
+                time.sleep(cfg.poll_seconds)
+                take_answers()
+            stats = fit(cfg.rm_initial_steps)
+            env.reward_fn = ensemble.reward
+            logger.log(agent.num_timesteps, **{f"{run}/labels_asked": asked, f"{run}/labels_used": len(data),
+                                               **{f"{run}/rm_{k}": v for k, v in stats.items()}})
     rl_total = cfg.total_timesteps - start
 
-    # 2. initial labels: random pairs from the warm-up episodes, ensemble fitted before RL
-    if learned:
-        warm = list(env.episodes)
-        if human:  # people need frames, and frames are kept only for the most recent episodes
-            warm = [ep for ep in warm if ep.frames is not None]
-        if not warm:
-            raise HeedError(f"no episode finished in the {start} warm-up steps; raise --initial-steps "
-                            f"above the horizon ({horizon})")
-        ensemble.set_input_stats(np.concatenate([ep.obs for ep in warm]))
-        n0 = cfg.labels if cfg.offline else labels_due(0, rl_total, cfg.labels, cfg.initial_label_fraction,
-                                                       cfg.label_decay)
-        labeler.submit(sample_pairs(warm, n0, cfg.clip_length, rng))
-        asked = n0
-        take_answers()
-        wait_for = min(cfg.human_wait, n0)
-        while human and len(data) < wait_for:
-            bar.set_postfix_str(f"waiting for answers {len(data)}/{wait_for} in {cfg.db}")
-            time.sleep(cfg.poll_seconds)
-            take_answers()
-        stats = fit(cfg.rm_initial_steps)
-        env.reward_fn = ensemble.reward
-        logger.log(agent.num_timesteps, **{f"{run}/labels_asked": asked, f"{run}/labels_used": len(data),
-                                           **{f"{run}/rm_{k}": v for k, v in stats.items()}})
-
     # 3. rounds: RL on the learned reward, fresh-clip metrics, queries, answers, refit, evaluation
-    last_step, last_eval, evals = agent.num_timesteps, -1, []
+    last_step = agent.num_timesteps
     while agent.num_timesteps < cfg.total_timesteps:
         # a. RL
         agent.learn(min(cfg.round_steps, cfg.total_timesteps - agent.num_timesteps), reset_num_timesteps=False)
@@ -245,8 +281,9 @@ def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: Metrics
             due = 0 if cfg.offline else labels_due(step - start, rl_total, cfg.labels,
                                                    cfg.initial_label_fraction, cfg.label_decay)
             k = min(due, cfg.labels) - asked
-            if k > 0:
-                candidates = sample_pairs(env.recent(cfg.pool_episodes), k * cfg.oversample, cfg.clip_length, rng)
+            candidates_from = pool(env.recent(cfg.pool_episodes))
+            if k > 0 and candidates_from:
+                candidates = sample_pairs(candidates_from, k * cfg.oversample, cfg.clip_length, rng)
                 variances = member_preferences(ensemble, candidates).var(0)  # (N,) across members
                 chosen = select_queries(None if random_queries else variances, k, rng, len(candidates))
                 labeler.submit(candidates.take(chosen))
@@ -269,6 +306,14 @@ def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: Metrics
                           "return_std": float(np.std(returns))})
         logger.log(step, **row)
         bar.set_postfix_str(f"eval {evals[-1]['return_mean']:.0f}" if evals else "")
+        # g. checkpoint: a killed run restarts from here
+        _save_checkpoint(ckpt_dir, agent, {
+            "start": start, "asked": asked, "evals": evals, "last_eval": last_eval,
+            "episodes": [_without_frames(ep) for ep in env.episodes], "env_steps": env.steps,
+            "episodes_done": env.episodes_done, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "wall_s": time.time() - t0, "cpu_s": time.process_time() - cpu0,
+            **({"ensemble": ensemble.state_dict(), "trainer": trainer.state(), "comparisons": data,
+                "labeler": labeler.state()} if learned else {})})
     bar.close()
 
     agent.save(str(out / f"policy_{run}_reward.zip"))
@@ -280,8 +325,50 @@ def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: Metrics
     if learned:
         result.update(labels_asked=asked, labels_used=len(data),
                       labels_skipped=getattr(labeler, "skipped", 0), labels_pending=labeler.pending)
+    atomic_write_text(done_path, json.dumps(result))
     env.close()
     return result
+
+
+def _truncate_metrics(out: Path, run: str, step: int) -> None:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and not (
+        json.loads(line)["step"] > step and any(k.startswith(run + "/") for k in json.loads(line)))]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _without_frames(ep):
+    return dataclasses.replace(ep, frames=None)
+
+
+def _save_checkpoint(ckpt_dir: Path, agent, state: dict) -> None:
+    """Write into a fresh folder, then swap it in, so a kill mid-write keeps the previous checkpoint."""
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    agent.save(str(tmp / "agent.zip"))
+    if getattr(agent, "replay_buffer", None) is not None:
+        agent.save_replay_buffer(str(tmp / "replay_buffer.pkl"))
+    with open(tmp / "state.pkl", "wb") as f:
+        pickle.dump(state, f)
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt_dir.exists():
+        ckpt_dir.rename(old)
+    tmp.rename(ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(ckpt_dir: Path) -> dict | None:
+    for d in (ckpt_dir, ckpt_dir.with_name(ckpt_dir.name + ".old")):  # .old: killed during the swap
+        if (d / "state.pkl").exists():
+            if d != ckpt_dir:
+                d.rename(ckpt_dir)
+            with open(ckpt_dir / "state.pkl", "rb") as f:
+                return pickle.load(f)
+    return None
 
 
 def _save_comparisons(data: Comparisons, path: Path) -> None:
@@ -316,6 +403,19 @@ def train(cfg: ControlTrainConfig) -> dict:
     torch.set_num_threads(max(1, cfg.threads))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = [p for p in out.glob("*") if p.name.startswith(("checkpoint_", "result_"))]
+    if cfg.resume and previous:
+        saved = heed_config.load_yaml(out / "config.yaml") if (out / "config.yaml").exists() else {}
+        now = asdict(cfg)
+        changed = sorted(k for k in now if k != "resume" and saved.get(k) != now[k])
+        if changed:
+            raise HeedError(f"{out} holds a run with different settings ({', '.join(changed)}); "
+                            "use another --out, or --no-resume to start over")
+        print(f"resuming from the checkpoints in {out}")
+    else:  # a fresh run: nothing of an earlier one may mix in
+        for p in previous:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     heed_config.save(cfg, out / "config.yaml")
     logger = MetricsLogger(out)
     t0, cpu0 = time.time(), time.process_time()

@@ -16,6 +16,7 @@ Departures from Christiano et al. (2017):
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 
@@ -63,6 +64,12 @@ class SyntheticOracle:
 
     @property
     def pending(self) -> int:
+        return 0
+
+    def state(self) -> dict:  # answers are immediate and the rng is the loop's, checkpointed there
+        return {}
+
+    def load_state(self, state: dict) -> int:
         return 0
 
 
@@ -122,6 +129,10 @@ class HumanLabeler:
                           "responses": [{"media": paths[0]}, {"media": paths[1]}],
                           "meta": {"source": "heed control", "run": self.run_id}})
             self._pending[item_id] = pairs.take([i])
+            # the clip arrays on disk too: a run killed before its next checkpoint still gets these answers
+            one = self._pending[item_id]
+            np.savez(self.clip_dir / f"{item_id}.npz", obs0=one.obs0, act0=one.act0, obs1=one.obs1, act1=one.act1,
+                     ret0=one.ret0, ret1=one.ret1)
         self.store.add_items(items)
 
     def collect(self) -> list[tuple[ClipPairs, np.ndarray]]:
@@ -144,3 +155,20 @@ class HumanLabeler:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def state(self) -> dict:
+        """What a resumed run needs to match answers that arrive later to their clips."""
+        pending = {k: dataclasses.replace(v, frames0=None, frames1=None) for k, v in self._pending.items()}
+        return {"run_id": self.run_id, "n": self._n, "skipped": self.skipped, "pending": pending}
+
+    def load_state(self, state: dict) -> int:
+        """Restore; returns how many items were asked after the checkpoint (recovered from disk)."""
+        self.run_id, self._n, self.skipped = state["run_id"], state["n"], state["skipped"]
+        self._pending = dict(state["pending"])
+        recovered = 0
+        while (path := self.clip_dir / f"control-{self.run_id}-{self._n:06d}.npz").exists():
+            with np.load(path) as z:
+                self._pending[path.stem] = ClipPairs(z["obs0"], z["act0"], z["obs1"], z["act1"], z["ret0"], z["ret1"])
+            self._n += 1
+            recovered += 1
+        return recovered

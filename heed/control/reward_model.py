@@ -178,6 +178,9 @@ class Comparisons:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return tuple(x[idx] for x in self._stacked)
 
+    def __getstate__(self) -> dict:  # pickled in checkpoints: the tensor cache is rebuilt on demand
+        return {**self.__dict__, "_stacked": None}
+
     def save(self, path) -> None:
         np.savez_compressed(path, obs0=np.stack(self.obs0), act0=np.stack(self.act0), obs1=np.stack(self.obs1),
                             act1=np.stack(self.act1), mu=np.asarray(self.mu), held_out=np.asarray(self.held_out),
@@ -196,6 +199,15 @@ class EnsembleTrainer:
         self.l2 = [l2] * model.size
         self.opts = [torch.optim.Adam(m.parameters(), lr=lr) for m in model.members]
         self.rng = np.random.default_rng(seed)
+
+    def state(self) -> dict:
+        return {"l2": list(self.l2), "opts": [o.state_dict() for o in self.opts], "rng": self.rng.bit_generator.state}
+
+    def load_state(self, state: dict) -> None:
+        self.l2 = list(state["l2"])
+        for opt, sd in zip(self.opts, state["opts"]):
+            opt.load_state_dict(sd)
+        self.rng.bit_generator.state = state["rng"]
 
     def _member_loss(self, m: int, obs0, act0, obs1, act1, mu, weights=None) -> torch.Tensor:
         x0, x1 = self.model.features(obs0, act0), self.model.features(obs1, act1)
