@@ -6,8 +6,9 @@
  4. sample    two responses per training prompt from the SFT policy
  5. label     the simulated labeler compares each pair (noisy, like people)
  6. rm        reward model on those labels, normalised on SFT samples
- 7. ppo       PPO against the reward model, KL-tethered to the SFT policy
- 8. eval      base, SFT and PPO on held-out prompts, judged by the gold oracle
+ 7. ppo       PPO against the reward model, KL-tethered to the SFT policy (and, with
+              --algos, DPO on the labels and REBEL, GRPO, RLOO on the reward model)
+ 8. eval      base, SFT and every trained policy on held-out prompts, judged by the gold oracle
  9. report    DIR/report.json and DIR/report.html
 
 Every stage writes its own directory under --out and is skipped when already
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heed.config import option
-from heed.utils import atomic_write_text, read_metrics
+from heed.utils import HeedError, PeakMemory, atomic_write_text, read_metrics
+
+ALGOS = ("ppo", "dpo", "rebel", "grpo", "rloo")
 
 
 @dataclass
@@ -37,6 +40,8 @@ class DemoConfig:
     rm_epochs: float = option(2.0, "reward-model passes over the labels")
     ppo_steps: int = option(40, "PPO iterations (64 prompts each)")
     ppo_lr: float = option(3e-4, "PPO learning rate")
+    algos: list[str] = option(["ppo"], "policy optimisers to train from the same SFT model and labels: "
+                                       "ppo, dpo, rebel, grpo, rloo")
     eval_prompts: int = option(600, "held-out prompts for the final evaluation")
     bf16: bool = option(False, "bf16 autocast in every training stage")
 
@@ -45,7 +50,7 @@ def _quick(cfg: DemoConfig) -> DemoConfig:
     """The smoke-test budgets (`--quick`)."""
     return DemoConfig(out=cfg.out, quick=True, seed=cfg.seed, preset=cfg.preset, pretrain_steps=20,
                       sft_epochs=1.0, label_budget=120, rm_epochs=1.0, ppo_steps=3, ppo_lr=cfg.ppo_lr,
-                      eval_prompts=40, bf16=cfg.bf16)
+                      eval_prompts=40, algos=cfg.algos, bf16=cfg.bf16)
 
 
 class Stages:
@@ -76,11 +81,14 @@ def run(cfg: DemoConfig) -> dict:
     from heed.report import render_html, training_plots
     from heed.world import SimulatedLabeler, write_world
 
+    unknown = [a for a in cfg.algos if a not in ALGOS]
+    if unknown or not cfg.algos:
+        raise HeedError(f"--algos: unknown {unknown} (choose from {', '.join(ALGOS)})")
     if cfg.quick:
         cfg = _quick(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(9)
+    stages = Stages(8 + len(cfg.algos))
     common = dict(seed=cfg.seed, bf16=cfg.bf16)
 
     t = stages.start("world", "the embedded assistant world")
@@ -132,17 +140,30 @@ def run(cfg: DemoConfig) -> dict:
                                            epochs=cfg.rm_epochs, norm_samples=64 if cfg.quick else 256, **common))
     stages.done("rm", t)
 
-    t = stages.start("ppo", f"PPO against the reward model ({cfg.ppo_steps} iterations)")
-    ppo_cfg = PPOConfig(policy=str(out / "sft"), prompts=str(world / "prompts_train.jsonl"), reward=[str(out / "rm")],
-                        out=str(out / "ppo"), steps=cfg.ppo_steps, lr=cfg.ppo_lr, **common)
-    if cfg.quick:
-        ppo_cfg.batch_size, ppo_cfg.mini_batch_size, ppo_cfg.micro_batch_size = 16, 8, 8
-    ppo_run(ppo_cfg)
-    stages.done("ppo", t)
+    peaks: dict[str, float] = {}
+    for algo in cfg.algos:
+        what = f"PPO against the reward model ({cfg.ppo_steps} iterations)" if algo == "ppo" else \
+            "on the labels" if algo == "dpo" else "against the reward model"
+        t = stages.start(algo, what)
+        with PeakMemory() as peak:
+            if algo == "ppo":
+                ppo_cfg = PPOConfig(policy=str(out / "sft"), prompts=str(world / "prompts_train.jsonl"),
+                                    reward=[str(out / "rm")], out=str(out / "ppo"), steps=cfg.ppo_steps,
+                                    lr=cfg.ppo_lr, **common)
+                if cfg.quick:
+                    ppo_cfg.batch_size, ppo_cfg.mini_batch_size, ppo_cfg.micro_batch_size = 16, 8, 8
+                ppo_run(ppo_cfg)
+            else:
+                from heed.algos.compare import train_algo
 
-    t = stages.start("eval", "base, SFT and PPO on held-out prompts, judged by the gold oracle")
+                train_algo(algo, sft_dir=out / "sft", world_dir=world, labels_path=labels_path, rm_dir=out / "rm",
+                           out_dir=out / algo, seed=cfg.seed, quick=cfg.quick)
+        peaks[algo] = peak.peak_mib
+        stages.done(algo, t)
+
+    t = stages.start("eval", "every model on held-out prompts, judged by the gold oracle")
     heldout = read_prompts(world / "prompts_heldout.jsonl")[:cfg.eval_prompts]
-    models = {name: load_policy(out / name) for name in ("base", "sft", "ppo")}
+    models = {name: load_policy(out / name) for name in ("base", "sft", *cfg.algos)}
     tok = models["sft"][1]
     samples, scores = {}, {}
     for name, (model, _) in models.items():
@@ -150,12 +171,15 @@ def run(cfg: DemoConfig) -> dict:
                                  desc=f"eval {name}")
         scores[name] = gold_scores(heldout, [s.response for s in samples[name]])
     stage_stats = {name: summarise(samples[name], scores[name]) for name in models}
-    kl_ppo, kl_ppo_se = mean_se(kl_to(models["sft"][0], samples["ppo"], tok.pad_token_id))
-    stage_stats["ppo"].update(kl_to_ref=kl_ppo, kl_to_ref_se=kl_ppo_se, wall_s=stages.walls["ppo"])
+    win_rates = {}
+    win_rates["sft_vs_base"], win_rates["sft_vs_base_se"] = win_rate(scores["sft"], scores["base"])
+    for algo in cfg.algos:
+        kl, kl_se = mean_se(kl_to(models["sft"][0], samples[algo], tok.pad_token_id))
+        stage_stats[algo].update(kl_to_ref=kl, kl_to_ref_se=kl_se, wall_s=stages.walls[algo],
+                                 peak_rss_mib=peaks[algo])
+        win_rates[f"{algo}_vs_sft"], win_rates[f"{algo}_vs_sft_se"] = win_rate(scores[algo], scores["sft"])
     stage_stats["sft"].update(kl_to_ref=0.0, wall_s=stages.walls["sft"])
     stage_stats["base"].update(wall_s=stages.walls["pretrain"])
-    sft_vs_base, sft_vs_base_se = win_rate(scores["sft"], scores["base"])
-    ppo_vs_sft, ppo_vs_sft_se = win_rate(scores["ppo"], scores["sft"])
     stages.done("eval", t)
 
     t = stages.start("report", f"{out / 'report.json'} and {out / 'report.html'}")
@@ -163,8 +187,7 @@ def run(cfg: DemoConfig) -> dict:
         "elapsed_s": round(time.time() - stages.t0, 1),
         "quick": cfg.quick,
         "stages": stage_stats,
-        "win_rates": {"sft_vs_base": sft_vs_base, "sft_vs_base_se": sft_vs_base_se,
-                      "ppo_vs_sft": ppo_vs_sft, "ppo_vs_sft_se": ppo_vs_sft_se},
+        "win_rates": win_rates,
         "reward_model": {"n_labels": n_labels,
                          "heldout_accuracy_vs_gold": rm_result.get("gold_accuracy"),
                          "heldout_accuracy": rm_result.get("accuracy")},
@@ -175,10 +198,11 @@ def run(cfg: DemoConfig) -> dict:
                  **{k: samples[k][i].response for k in models}, **{f"{k}_score": scores[k][i] for k in models}}
                 for i, p in enumerate(heldout[:12])]
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    atomic_write_text(out / "report.html", render_html(report, training_plots(read_metrics(out / "ppo")), examples))
-    print(f"\nheld-out gold score: base {stage_stats['base']['gold_mean']:.3f}, sft {stage_stats['sft']['gold_mean']:.3f}, "
-          f"ppo {stage_stats['ppo']['gold_mean']:.3f} (over {len(heldout)} prompts)")
-    print(f"win rate sft vs base {sft_vs_base:.3f} ± {sft_vs_base_se:.3f}; ppo vs sft {ppo_vs_sft:.3f} ± "
-          f"{ppo_vs_sft_se:.3f}; KL(ppo || sft) {kl_ppo:.2f} nats")
+    plots = [p for algo in cfg.algos for p in training_plots(read_metrics(out / algo), algo)]
+    atomic_write_text(out / "report.html", render_html(report, plots, examples))
+    print("\nheld-out gold score: " + ", ".join(f"{k} {v['gold_mean']:.3f}" for k, v in stage_stats.items())
+          + f" (over {len(heldout)} prompts)")
+    print("win rates: " + ", ".join(f"{k} {v:.3f} ± {win_rates[k + '_se']:.3f}" for k, v in win_rates.items()
+                                    if not k.endswith("_se")))
     print(f"done in {report['elapsed_s']:.0f}s: {out / 'report.html'}")
     return report

@@ -25,7 +25,7 @@ def training_plots(metrics: Sequence[dict], algo: str = "ppo") -> list[tuple[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not metrics:
+    if not metrics or not any("reward/score" in m for m in metrics):
         return []
     steps = [m["step"] for m in metrics]
     plots = []
@@ -36,8 +36,8 @@ def training_plots(metrics: Sequence[dict], algo: str = "ppo") -> list[tuple[str
     ax.set_xlabel(f"{algo} iteration")
     ax.legend()
     ax.grid(alpha=0.3)
-    ax.set_title("Reward and gold score of rollouts")
-    plots.append(("Reward and gold score", _png(fig)))
+    ax.set_title(f"{algo}: reward and gold score of rollouts")
+    plots.append((f"{algo}: reward and gold score", _png(fig)))
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.plot(steps, [m.get("objective/kl", float("nan")) for m in metrics], color="tab:red", label="KL to reference")
@@ -49,8 +49,8 @@ def training_plots(metrics: Sequence[dict], algo: str = "ppo") -> list[tuple[str
                  linestyle="--", label="KL coefficient")
         ax2.set_ylabel("KL coefficient")
     ax.grid(alpha=0.3)
-    ax.set_title("KL to the reference")
-    plots.append(("KL", _png(fig)))
+    ax.set_title(f"{algo}: KL to the reference")
+    plots.append((f"{algo}: KL", _png(fig)))
 
     if any("gold/score" in m for m in metrics):
         fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -60,8 +60,8 @@ def training_plots(metrics: Sequence[dict], algo: str = "ppo") -> list[tuple[str
         ax.set_xlabel("KL to reference (nats)")
         ax.legend()
         ax.grid(alpha=0.3)
-        ax.set_title("Proxy and gold as KL grows")
-        plots.append(("Over-optimisation", _png(fig)))
+        ax.set_title(f"{algo}: proxy and gold as KL grows")
+        plots.append((f"{algo}: over-optimisation", _png(fig)))
     return plots
 
 
@@ -70,7 +70,8 @@ def render_html(report: dict, plots: list[tuple[str, str]], examples: list[dict]
     stage_rows = "".join(
         f"<tr><td>{esc(name)}</td><td>{s.get('gold_mean', float('nan')):.3f} ± {s.get('gold_se', float('nan')):.3f}</td>"
         f"<td>{_fmt(report['win_rates'].get(f'{name}_vs_sft'))}</td><td>{_fmt(s.get('kl_to_ref'))}</td>"
-        f"<td>{_fmt(s.get('length_mean'), 1)}</td><td>{_fmt(s.get('wall_s'), 0)}</td></tr>"
+        f"<td>{_fmt(s.get('length_mean'), 1)}</td><td>{_fmt(s.get('wall_s'), 0)}</td>"
+        f"<td>{_fmt(s.get('peak_rss_mib'), 0)}</td></tr>"
         for name, s in report["stages"].items())
     rm = report.get("reward_model", {})
     example_rows = "".join(
@@ -90,7 +91,7 @@ img{{max-width:520px}}</style></head><body>
 world's oracle, which no trainer sees; win rates are judged by it on {report['eval']['n_prompts']} held-out
 prompts (ties count half), sampling at temperature {report['eval']['temperature']}.</p>
 <h2>Policies</h2>
-<table><tr><th>model</th><th>gold score</th><th>win rate vs SFT</th><th>KL to reference</th><th>length</th><th>wall s</th></tr>
+<table><tr><th>model</th><th>gold score</th><th>win rate vs SFT</th><th>KL to reference</th><th>length</th><th>wall s</th><th>peak MiB</th></tr>
 {stage_rows}</table>
 <p>Win rate of SFT over the pretrained base: {_fmt(report['win_rates'].get('sft_vs_base'))}.
 Reward model: {rm.get('n_labels', '?')} simulated labels; held-out accuracy against the gold oracle's

@@ -88,3 +88,45 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class PeakMemory:
+    """Peak resident memory (MiB) of this process while the block runs, sampled every 50 ms.
+
+    Includes what was already resident when the block started: it answers "how much
+    memory did the process need at most during this stage".
+    """
+
+    def __init__(self):
+        import threading
+
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    @staticmethod
+    def current_mib() -> float:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, self.current_mib())
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = round(max(self.peak_mib, self.current_mib()), 1)
