@@ -202,3 +202,43 @@ def test_row_losses_dispatch_each_kind():
     assert got[2] == pytest.approx(float(ranking_loss(t([[0.2, -1.0, 0.7]]), t([[2, 0, 1]]))) + 0.1 * 0.01, abs=1e-6)
     assert got[3] == pytest.approx(float(rating_loss(t([0.9]), t([1.0]))), abs=1e-6)
     assert got[4] == pytest.approx(float(bradley_terry_loss(t([0.4]), t([0.4]), tie=t([True]))) + 0.1 * 0.64, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_rm_train_matches_one_process(tiny_base, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo) gives the weights one process gives."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.fail("accelerate's launcher is not installed next to this python")
+    src = write_jsonl(tmp_path / "samples.jsonl", world_samples(8, 2, seed=7))
+    main(["label", "oracle", "--samples", str(src), "--out", str(tmp_path / "pairs.jsonl")])
+    script = tmp_path / "rm_cli.py"
+    script.write_text("import sys\nfrom heed.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    args = ["rm", "train", "--model", str(tiny_base), "--data", str(tmp_path / "pairs.jsonl"), *SHORT,
+            "--batch-size", "4", "--micro-batch-size", "1", "--epochs", "1", "--eval-fraction", "0",
+            "--norm-samples", "0"]
+    env = dict(os.environ, HEED_QUIET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args, "--out",
+                        str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = subprocess.run([sys.executable, str(script), *args, "--out", str(tmp_path / "one")], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    base = load_file(str(Path(tiny_base) / "model.safetensors"))
+    moved = False
+    for name in ("model.safetensors", "head.safetensors"):
+        two = load_file(str(tmp_path / "two" / "member_0" / name))
+        one = load_file(str(tmp_path / "one" / "member_0" / name))
+        for key, value in one.items():
+            torch.testing.assert_close(two[key], value, atol=1e-5, rtol=1e-4, msg=key)
+            moved |= name == "model.safetensors" and not torch.equal(value, base.get("model." + key, value))
+    assert moved, "training did not change the trunk"
