@@ -1,0 +1,36 @@
+"""`heed demo --quick`: the whole pipeline end to end, and what its report promises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from heed.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_promised_report(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["elapsed_s"] > 0 and report["quick"] is True
+    for stage in ("base", "sft", "ppo"):
+        assert isinstance(report["stages"][stage]["gold_mean"], float)
+    assert report["stages"]["ppo"]["kl_to_ref"] == report["stages"]["ppo"]["kl_to_ref"]  # not NaN
+    for key in ("sft_vs_base", "ppo_vs_sft"):
+        assert 0.0 <= report["win_rates"][key] <= 1.0
+    assert report["reward_model"]["n_labels"] > 0
+    assert 0.0 <= report["reward_model"]["heldout_accuracy_vs_gold"] <= 1.0
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "<th>ppo</th>" in page
+    # every stage left its output, so a rerun skips the work and reproduces the same numbers
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["win_rates"] == report["win_rates"]
+    assert again["stage_seconds"]["pretrain"] < report["stage_seconds"]["pretrain"]
+
+
+def test_demo_rejects_unknown_algorithms(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--algos", "ppo,sac"]) == 2
+    assert "unknown ['sac']" in capsys.readouterr().err
