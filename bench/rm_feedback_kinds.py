@@ -50,10 +50,10 @@ def main() -> None:
             label(OracleLabelConfig(samples=args.samples, out=str(labels), kind=kind, k=4, seed=args.seed))
         n_labels = sum(1 for _ in labels.open())
         for budget in (int(b) for b in args.budgets.split(",")):
-            key = f"{kind}/{budget}"
+            n = n_labels if budget == 0 else min(budget, n_labels)
+            key = f"{kind}/{n}"  # "all" may equal a budget already run
             if key in results:
                 continue
-            n = n_labels if budget == 0 else min(budget, n_labels)
             data = out / f"{kind}_{n}.jsonl"
             data.write_text("".join(labels.open().readlines()[:n]))
             rm_dir = out / f"rm_{kind}_{n}"
