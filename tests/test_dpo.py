@@ -1,0 +1,71 @@
+"""DPO on a tiny model: every pairwise format is read, the reference log-probs are cached once,
+and a short run moves the policy towards the chosen responses of a simple rule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from heed.algos.dpo import DPOConfig, batched_sequence_logprobs, read_pairs, run
+from heed.data import read_prompts, write_jsonl
+from heed.generate import generate
+from heed.models import load_policy
+from heed.utils import HeedError
+
+
+def test_read_pairs_takes_every_pairwise_format_and_drops_ties(tmp_path):
+    write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "Describe the Tigu.", "chosen": "A cat.", "rejected": "A dog."},
+        {"prompt": "Describe the Tigu.", "chosen": "Same.", "rejected": "Same!", "tie": True}])
+    write_jsonl(tmp_path / "hh.jsonl", [
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}])
+    write_jsonl(tmp_path / "chat.jsonl", [
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}],
+         "rejected": [{"role": "assistant", "content": "No."}]}])
+    pairs, ties = read_pairs([str(tmp_path / f) for f in ("pairs.jsonl", "hh.jsonl", "chat.jsonl")])
+    assert ties == 1 and [p.chosen for p in pairs] == ["A cat.", "Hello.", "Hello."]
+    assert pairs[1].prompt == [{"role": "user", "content": "Hi"}] == pairs[2].prompt
+    write_jsonl(tmp_path / "thumbs.jsonl", [{"prompt": "Hi", "response": "Hello.", "label": "up"}])
+    with pytest.raises(HeedError, match="DPO trains on pairs"):
+        read_pairs([str(tmp_path / "thumbs.jsonl")])
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi", "chosen": 3, "rejected": "x"}])
+    with pytest.raises(HeedError, match="bad.jsonl:1: field 'chosen'"):
+        read_pairs([str(tmp_path / "bad.jsonl")])
+
+
+def short_long_pairs(world_dir, n=64):
+    """Pairs where the rule (brevity) prefers the demonstration's first sentence, with its end,
+    to the whole demonstration said twice."""
+    demos = [json.loads(line) for line in (world_dir / "demos.jsonl").read_text().splitlines()][:n]
+    return [{"prompt": d["prompt"], "chosen": d["response"].split(". ")[0].rstrip(".") + ".",
+             "rejected": d["response"] + " " + d["response"]} for d in demos]
+
+
+def mean_length(policy_dir, world_dir) -> float:
+    model, tok = load_policy(policy_dir)
+    prompts = read_prompts(world_dir / "prompts_train.jsonl")[100:148]
+    samples = generate(model, tok, prompts, n=1, max_new_tokens=24, seed=7)
+    return sum(len(s.response_ids) for s in samples) / len(samples)
+
+
+def test_short_dpo_run_prefers_the_rule_and_caches_reference_logps(tiny_base, world_dir, tmp_path):
+    rows = short_long_pairs(world_dir)
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "dpo"
+    cfg = DPOConfig(policy=str(tiny_base), data=[str(tmp_path / "pairs.jsonl")], out=str(out), beta=0.1, epochs=4, lr=1e-3, batch_size=16,
+                    micro_batch_size=8, max_response_len=48, eval_every=2, warmup_steps=2)
+    metrics = run(cfg)
+    # the reference pass was cached, and it holds the starting policy's sequence log-probs
+    ref = torch.load(out / "reference_logps.pt")
+    base, tok = load_policy(tiny_base)
+    expected = batched_sequence_logprobs(base, tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                                         max_prompt_len=96, max_response_len=48)
+    torch.testing.assert_close(ref["chosen"], expected)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["rewards/accuracy"] > 0.7 and logged[-1]["rewards/margin"] > logged[0]["rewards/margin"]
+    assert metrics["loss"] < logged[0]["loss"]
+    # sampled responses got shorter: the rule's preference generalises to new prompts
+    assert mean_length(out, world_dir) < mean_length(tiny_base, world_dir) - 1.0
+    assert run(cfg)["steps"] > 0  # a finished run is not trained again
