@@ -1,4 +1,6 @@
-"""Reading and writing the files stages exchange: corpora, demonstrations, prompts, samples.
+"""Reading and writing the files stages exchange: corpora, demonstrations, prompts, samples,
+and feedback (pairs, HH-RLHF transcripts, chat pairs, rankings, thumbs, ratings; see
+`read_feedback` and docs/reward-models.md).
 
 Every reader validates row by row. A bad row raises `HeedError` naming the file,
 the line (1-based; for Parquet and dataset directories, the row number) and the
