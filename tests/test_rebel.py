@@ -89,8 +89,8 @@ def brevity(prompts, responses):
 @pytest.mark.slow
 def test_short_rebel_run_raises_a_rule_reward(tiny_base, world_dir, tmp_path):
     cfg = REBELConfig(policy=str(tiny_base), prompts=str(world_dir / "prompts_train.jsonl"), reward=["-"],
-                      out=str(tmp_path / "rebel"), iterations=6, prompts_per_iteration=24, n=4, eta=1.0,
-                      lr=1e-3, batch_size=12, micro_batch_size=12, max_new_tokens=24, max_response_len=24,
+                      out=str(tmp_path / "rebel"), iterations=6, prompts_per_iteration=24, n=4, eta=1.0, save_every=100,
+                      lr=3e-4, batch_size=12, micro_batch_size=12, max_new_tokens=24, max_response_len=24,
                       drop_unfinished=False)
     trainer = REBELTrainer(cfg, reward_fn=brevity, prompts=read_prompts(world_dir / "prompts_train.jsonl"))
     trainer.train()
