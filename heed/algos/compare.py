@@ -31,7 +31,7 @@ def train_algo(name: str, *, sft_dir, world_dir, labels_path, rm_dir, out_dir, s
 
         cfg = DPOConfig(data=[str(labels_path)], **common)
         if quick:
-            cfg.epochs, cfg.batch_size, cfg.micro_batch_size = 0.1, 8, 8
+            cfg.limit, cfg.epochs, cfg.batch_size, cfg.micro_batch_size = 64, 1.0, 16, 16
         run(cfg)
     elif name == "rebel":
         from heed.algos.rebel import REBELConfig, run

@@ -63,6 +63,7 @@ class DPOConfig(TrainConfig):
     max_response_len: int = option(64, "response tokens kept (EOS included)")
     eval_every: int = option(10, "log metrics averaged over N steps")
     save_every: int = option(100, "checkpoint every N steps (a killed run resumes from the last)")
+    limit: int = option(0, "use only the first N pairs with a preference (0 = all)")
     skip_invalid: bool = option(False, "skip and count malformed rows instead of stopping")
 
 
@@ -136,6 +137,8 @@ def run(cfg: DPOConfig) -> dict:
 
     # 1. pairs
     pairs, ties = read_pairs(cfg.data, cfg.format, cfg.skip_invalid)
+    if cfg.limit:
+        pairs = pairs[:cfg.limit]
     policy, tokenizer = load_policy(cfg.policy)
     print(f"dpo: {len(pairs)} pairs ({ties} ties dropped), {cfg.loss_type} loss, beta {cfg.beta}")
     if accelerator.is_main_process:
