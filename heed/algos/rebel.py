@@ -184,7 +184,7 @@ class REBELConfig(TrainConfig):
     data: str | None = option(None, "one update on this pairs file (from `heed filter`); else iterate")
     prompts: str | None = option(None, "training prompts for --iterations (JSONL/Parquet rows with 'prompt')")
     reward: list[str] = option([], "reward terms for --iterations, [WEIGHT*]TARGET: reward-model dirs, rules")
-    iterations: int = option(12, "sample -> score -> filter -> update rounds (without --data)")
+    iterations: int = option(16, "sample -> score -> filter -> update rounds (without --data)")
     prompts_per_iteration: int = option(64, "fresh prompts sampled each iteration")
     n: int = option(4, "responses sampled per prompt")
     eta: float = option(3.0, "eta: 1/eta scales the log-ratio difference regressed onto the reward difference")
