@@ -262,9 +262,11 @@ def _gold(prompt):
     return lambda ps, rs: [score(p, r) for p, r in zip(ps, rs)]
 
 
-def _run(cfg: GRPOConfig, name: str) -> dict:
+def run_grpo(cfg: GRPOConfig) -> dict:
+    """`heed grpo` (and, with RLOOConfig's defaults, `heed rloo`)."""
     from heed.rules import load_reward
 
+    name = "grpo" if cfg.baseline == "group" else "rloo"
     state = Path(cfg.out) / f"{name}_state.json"
     if state.exists():
         print(f"{cfg.out}: already trained ({state.name} exists); delete the directory to train again")
@@ -279,9 +281,5 @@ def _run(cfg: GRPOConfig, name: str) -> dict:
     return metrics
 
 
-def run_grpo(cfg: GRPOConfig) -> dict:
-    return _run(cfg, "grpo" if cfg.baseline == "group" else "rloo")
-
-
 def run_rloo(cfg: RLOOConfig) -> dict:
-    return _run(cfg, "grpo" if cfg.baseline == "group" else "rloo")
+    return run_grpo(cfg)
