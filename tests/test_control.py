@@ -23,7 +23,7 @@ class Reach1D(gym.Env):
 
     observation_space = gym.spaces.Box(-2.0, 2.0, (1,), dtype=np.float32)
     action_space = gym.spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
-    metadata = {"render_modes": ["rgb_array"]}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
     def __init__(self, render_mode=None):
         self.render_mode = render_mode
