@@ -61,7 +61,7 @@ class GRPOConfig(TrainConfig):
     kl_mode: str = option("loss", "KL to the reference as a loss term (GRPO) or a reward penalty (RLOO)",
                           choices=("loss", "reward"))
     kl_coef: float = option(0.04, "beta: weight of the KL term or penalty")
-    steps: int = option(30, "iterations (rollout + update)")
+    steps: int = option(60, "iterations (rollout + update)")
     prompts_per_iteration: int = option(16, "prompts per iteration, per process")
     n: int = option(4, "responses sampled per prompt (the group)")
     epochs: int = option(1, "passes over each rollout")
