@@ -16,6 +16,10 @@ cfg = PPOConfig(policy=policy, prompts=prompts_path, reward=["-"], out=out, step
                 mini_batch_size=4, micro_batch_size=2, ppo_epochs=1, max_new_tokens=12, lr=1e-3)
 trainer = PPOTrainer(cfg, reward_fn=lambda ps, rs: [-len(r) / 20 for r in rs], prompts=read_prompts(prompts_path))
 trainer.train()
-rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-state = trainer.actor_critic.state_dict()
-torch.save({k: v.detach().clone() for k, v in state.items()}, Path(out) / f"rank{rank}.pt")
+from accelerate import PartialState  # noqa: E402
+
+state = PartialState()  # the processes accelerate actually trained with (2 under the launcher)
+rank = state.process_index
+(Path(out) / f"processes{rank}.txt").write_text(str(state.num_processes))
+weights = trainer.actor_critic.state_dict()
+torch.save({k: v.detach().clone() for k, v in weights.items()}, Path(out) / f"rank{rank}.pt")

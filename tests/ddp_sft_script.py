@@ -20,5 +20,9 @@ cfg = SFTConfig(model=base, data=demos_path, out=out, batch_size=8, micro_batch_
 model, tok = load_policy(base)
 train = build_examples(tok, read_demos(demos_path)[:32], 64, 64)
 train_lm(model, tok, train, [], cfg, total_steps=3, stage="sft", save=lambda m: None)
-rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+from accelerate import PartialState  # noqa: E402
+
+state = PartialState()  # the processes accelerate actually trained with (2 under the launcher)
+rank = state.process_index
+(Path(out) / f"processes{rank}.txt").write_text(str(state.num_processes))
 torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, Path(out) / f"rank{rank}.pt")

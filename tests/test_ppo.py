@@ -83,6 +83,7 @@ def test_two_process_ppo_keeps_ranks_identical(tiny_base, world_dir, tmp_path):
                         str(world_dir / "prompts_train.jsonl"), str(tmp_path)], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / "processes1.txt").read_text() == "2", "accelerate did not train with two processes"
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     base, _ = load_policy(tiny_base)
     for name, p in rank0.items():

@@ -234,11 +234,17 @@ def test_two_process_rm_train_matches_one_process(tiny_base, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     base = load_file(str(Path(tiny_base) / "model.safetensors"))
-    moved = False
+    moved, close, total = False, 0, 0
     for name in ("model.safetensors", "head.safetensors"):
         two = load_file(str(tmp_path / "two" / "member_0" / name))
         one = load_file(str(tmp_path / "one" / "member_0" / name))
         for key, value in one.items():
-            torch.testing.assert_close(two[key], value, atol=1e-5, rtol=1e-4, msg=key)
+            # Adam turns gradients that are zero up to rounding (summed in another order across
+            # processes) into steps of up to lr: a few elements may differ; a systematic error
+            # (wrong scaling, a schedule stepped per process) moves nearly all of them.
+            assert float((two[key] - value).abs().max()) < 1e-2, key
+            close += int(torch.isclose(two[key], value, atol=1e-5, rtol=1e-4).sum())
+            total += value.numel()
             moved |= name == "model.safetensors" and not torch.equal(value, base.get("model." + key, value))
+    assert close / total > 0.999, f"only {close / total:.4%} of weights match one process"
     assert moved, "training did not change the trunk"

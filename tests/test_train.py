@@ -97,14 +97,23 @@ def test_two_process_sft_matches_one_process(tiny_base, world_dir, tmp_path):
     r = subprocess.run([sys.executable, str(script), str(tiny_base), str(world_dir / "demos.jsonl"), str(one)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert (two / "processes1.txt").read_text() == "2", "accelerate did not train with two processes"
     rank0, rank1 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
     single = torch.load(one / "rank0.pt")
     base, _ = load_policy(tiny_base)
     moved = False
+    close, total = 0, 0
     for name, p in rank0.items():
         assert torch.equal(p, rank1[name]), f"ranks differ at {name}"
-        torch.testing.assert_close(p, single[name], atol=1e-5, rtol=1e-4, msg=name)
+        # Adam divides by sqrt(v): a gradient that is zero up to rounding (summed in another
+        # order across two processes) can move one weight by up to a step of lr. So a handful
+        # of elements may differ beyond float noise; anything systematic (a wrong loss scale,
+        # a schedule stepped per process, each rank training alone) moves nearly all of them.
+        assert float((p - single[name]).abs().max()) < 1e-3, name
+        close += int(torch.isclose(p, single[name], atol=1e-5, rtol=1e-4).sum())
+        total += p.numel()
         moved |= not torch.equal(p, base.state_dict()[name])
+    assert close / total > 0.999, f"only {close / total:.4%} of weights match one process"
     assert moved, "training did not change the weights"
 
 

@@ -43,7 +43,12 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    # Without a GPU, accelerate only sets up multi-process (gloo) training when told it is
+    # on the CPU; otherwise each process of `accelerate launch` would train alone.
+    # Our batches are global (split across processes), so the schedule takes one step per
+    # optimiser step; accelerate's default would step it once per process.
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available(),
+                              step_scheduler_with_optimizer=False)
     # A different seed per process (sampling must differ across ranks), same init weights
     # because every rank builds the model before this and DDP broadcasts rank 0's weights.
     set_seed(cfg.seed + accelerator.process_index)
