@@ -107,6 +107,16 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
 
 
+def global_batch(rows: list, step: int, batch_size: int, *, seed: int) -> list:
+    """The rows of optimiser step `step`: consecutive slices of a seeded shuffle, reshuffled
+    each pass. The order depends only on `seed` and `step`, so every process (each then
+    takes its share) and a resumed run agree on it."""
+    per_pass = max(1, len(rows) // batch_size)
+    epoch, k = divmod(step, per_pass)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + epoch))
+    return [rows[int(i)] for i in order[k * batch_size:(k + 1) * batch_size]]
+
+
 # ---------------------------------------------------------------------------
 # The supervised causal-LM loop (pretraining and SFT)
 # ---------------------------------------------------------------------------
@@ -185,19 +195,12 @@ def train_lm(model, tokenizer, train: list[LMExample], heldout: list[LMExample],
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must divide evenly across {world} processes")
 
-    def global_batch(step: int) -> list[LMExample]:
-        # The data order depends only on the seed, so every rank (and a resumed run) agrees.
-        per_pass = max(1, len(train) // cfg.batch_size)
-        epoch, k = divmod(step, per_pass)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        return [train[int(i)] for i in order[k * cfg.batch_size:(k + 1) * cfg.batch_size]]
-
     model.train()
     metrics: dict = {}
     bar = progress(range(start, total_steps), desc=stage, disable=not accelerator.is_main_process,
                    unit="step")
     for step in bar:
-        examples = global_batch(step)
+        examples = global_batch(train, step, cfg.batch_size, seed=cfg.seed * 1000)
         n_tokens = sum(sum(e.loss_mask[1:]) for e in examples)  # global count: identical on every rank
         local = examples[rank::world]
         micro = [local[i:i + cfg.micro_batch_size] for i in range(0, len(local), cfg.micro_batch_size)]

@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from heed.algos.common import Checkpointer, TrainConfig, make_accelerator, make_optimizer
+from heed.algos.common import Checkpointer, TrainConfig, global_batch, make_accelerator, make_optimizer
 from heed.config import option, save as save_config
 from heed.data import Pair, read_feedback
 from heed.losses import dpo_implicit_reward, dpo_loss
@@ -170,19 +170,13 @@ def run(cfg: DPOConfig) -> dict:
     start = checkpointer.load()["step"]
     logger = MetricsLogger(out, enabled=accelerator.is_main_process)
 
-    def global_batch(step: int) -> list[int]:
-        # The order depends only on the seed and the pass: every rank and a resumed run agree.
-        per_pass = max(1, len(pairs) // cfg.batch_size)
-        epoch, k = divmod(step, per_pass)
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        return order[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist()
-
     model.train()
     window: dict[str, list[float]] = {}
     metrics: dict = {}
     bar = progress(range(start, total_steps), desc="dpo", disable=not accelerator.is_main_process, unit="step")
     for step in bar:
-        idx = global_batch(step)
+        # indices, not rows: the cached reference log-probs are looked up by pair
+        idx = global_batch(list(range(len(pairs))), step, cfg.batch_size, seed=cfg.seed * 1000)
         local = idx[rank::world]
         micro = [local[i:i + cfg.micro_batch_size] for i in range(0, len(local), cfg.micro_batch_size)]
         for j, chunk in enumerate(micro):

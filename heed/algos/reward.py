@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from heed.algos.common import Checkpointer, TrainConfig, make_accelerator, make_optimizer
+from heed.algos.common import Checkpointer, TrainConfig, global_batch, make_accelerator, make_optimizer
 from heed.config import option, save as save_config
 from heed.data import FEEDBACK_KIND, Feedback, Pair, Ranking, Rating, Thumb, read_feedback, read_rows, \
     get_messages, get_str, write_jsonl
@@ -334,19 +334,11 @@ def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, he
         raise HeedError(f"batch_size {cfg.batch_size} must divide evenly across {world} processes")
     rating_mean, rating_std = rating_stats
 
-    def global_batch(step: int) -> list:
-        # The order depends only on the seed, member and pass: every rank and a resumed run agree.
-        per_pass = max(1, len(rows) // cfg.batch_size)
-        epoch, j = divmod(step, per_pass)
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + k * 100 + epoch)
-        order = torch.randperm(len(rows), generator=gen)
-        return [rows[int(i)] for i in order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
-
     member.train()
     bar = progress(range(start, total_steps), desc=f"rm member {k}", disable=not accelerator.is_main_process,
                    unit="step")
     for step in bar:
-        batch_rows = global_batch(step)
+        batch_rows = global_batch(rows, step, cfg.batch_size, seed=cfg.seed * 1000 + k * 100)  # per member
         local = batch_rows[rank::world]
         micro = [local[i:i + cfg.micro_batch_size] for i in range(0, len(local), cfg.micro_batch_size)]
         loss_sum, correct, n_pairs = 0.0, 0.0, 0
