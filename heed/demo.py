@@ -76,7 +76,7 @@ def run(cfg: DemoConfig) -> dict:
     from heed.data import read_prompts, write_jsonl
     from heed.evaluate import gold_scores, kl_to, mean_se, summarise, win_rate
     from heed.generate import generate
-    from heed.label_oracle import label
+    from heed.label_oracle import group_by_prompt, label
     from heed.models import load_policy
     from heed.report import render_html, training_plots
     from heed.world import SimulatedLabeler, write_world
@@ -125,10 +125,8 @@ def run(cfg: DemoConfig) -> dict:
     t = stages.start("label", f"the simulated labeler compares up to {cfg.label_budget} pairs")
     if not labels_path.exists():
         rows = [json.loads(line) for line in samples_path.read_text().splitlines()]
-        groups: dict = {}
-        for r in rows:
-            groups.setdefault(r["prompt"], (r["prompt"], []))[1].append(r["response"])
-        labelled, skipped = label(list(groups.values()), "pairs", SimulatedLabeler(cfg.seed),
+        groups = group_by_prompt([(r["prompt"], r["response"]) for r in rows])
+        labelled, skipped = label(groups, "pairs", SimulatedLabeler(cfg.seed),
                                   budget=cfg.label_budget)
         write_jsonl(labels_path, labelled)
         print(f"labelled {len(labelled)} pairs ({skipped} identical pairs skipped)")
