@@ -35,7 +35,9 @@ def test_rollout_logprobs_and_values_equal_a_forward_pass(tiny_base, world_dir, 
     trainer.generator = torch.Generator().manual_seed(0)
     prompts = read_prompts(world_dir / "prompts_train.jsonl")[:12]
     exp, texts, finished = trainer.rollout(prompts)
-    assert exp.batch.prompt_len > min(len(p) for p in exp.batch.input_ids.tolist()) - 100  # sanity
+    P = exp.batch.prompt_len
+    assert not exp.mask[:, :P].any() and bool(exp.mask[:, P].all())  # responses start right after the prompts
+    assert not bool(exp.batch.attention_mask[:, 0].all())  # and the prompts really are left-padded
     with torch.no_grad():
         logprobs, _, values = trainer.actor_critic(exp.batch, 0.7)
     m = exp.mask.bool()
