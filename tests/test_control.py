@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tempfile
 
 import gymnasium as gym
 import numpy as np
@@ -242,19 +243,23 @@ def test_cli_lists_control_options(capsys):
 
 
 @pytest.mark.slow
-def test_tiny_run_beats_a_random_policy(tmp_path):
-    cfg = ControlTrainConfig(env="HeedReach1D-v0", out=str(tmp_path), total_timesteps=1000, initial_steps=200,
-                             round_steps=400, labels=60, clip_length=5, eval_every=800, eval_episodes=8,
-                             baseline=False, rm_initial_steps=200, rm_steps=60, net_arch=[32, 32])
+def test_tiny_run_beats_a_random_policy(tmp_path, monkeypatch):
+    out, scratch = tmp_path / "run", tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where SB3's default logger would leave a dir
+    cfg = ControlTrainConfig(env="HeedReach1D-v0", out=str(out), total_timesteps=1000,
+                             initial_steps=200, round_steps=400, labels=60, clip_length=5, eval_every=800,
+                             eval_episodes=8, baseline=False, rm_initial_steps=200, rm_steps=60, net_arch=[32, 32])
     report = train(cfg)
+    assert not list(scratch.iterdir())
     random_returns = evaluate(None, "HeedReach1D-v0", 20, [10_000 + i for i in range(8)])
     assert report["random"]["return_mean"] == pytest.approx(np.mean(random_returns))
     assert report["learned"]["labels_used"] <= 60
     assert report["learned"]["return_mean"] > report["random"]["return_mean"] + 10
-    saved = json.loads((tmp_path / "report.json").read_text())
+    saved = json.loads((out / "report.json").read_text())
     assert saved["learned"]["return_mean"] == report["learned"]["return_mean"]
-    assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") >= 3
-    assert (tmp_path / "reward_ensemble.pt").exists() and (tmp_path / "policy_learned_reward.zip").exists()
+    assert (out / "report.html").read_text().count("data:image/png;base64,") >= 3
+    assert (out / "reward_ensemble.pt").exists() and (out / "policy_learned_reward.zip").exists()
 
 
 def test_human_labeler_with_the_feedback_store(tmp_path):

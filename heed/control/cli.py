@@ -152,6 +152,8 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: MetricsLogger) -> dict:
     """One agent, start to finish: on the learned reward (the paper's loop) or on the true one."""
+    from stable_baselines3.common.logger import Logger
+
     run = "learned" if learned else "true"
     done_path, ckpt_dir = out / f"result_{run}.json", out / f"checkpoint_{run}"
     if cfg.resume and done_path.exists():
@@ -164,6 +166,7 @@ def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: Metrics
     human = learned and cfg.labeler == "human"
     env = PreferenceEnv(make_env(cfg.env, horizon, render=human), keep_frames=cfg.pool_episodes)
     agent = _make_agent(cfg, env, cfg.seed)
+    agent.set_logger(Logger(None, []))  # heed logs its own metrics; SB3's default leaves a dir in /tmp per learn()
     eval_seeds = [10_000 + 100 * cfg.seed + i for i in range(cfg.eval_episodes)]
     policy = lambda obs: agent.predict(obs, deterministic=True)[0]
     t0, cpu0 = time.time(), time.process_time()
@@ -208,6 +211,7 @@ def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: Metrics
     if state is not None:
         # 0. resume: the agent, its replay buffer, the reward model, the labels, every rng
         agent = _agent_class(cfg).load(str(ckpt_dir / "agent.zip"), env=env, device="cpu")
+        agent.set_logger(Logger(None, []))
         if (ckpt_dir / "replay_buffer.pkl").exists():
             agent.load_replay_buffer(str(ckpt_dir / "replay_buffer.pkl"))
         start, asked, evals, last_eval = state["start"], state["asked"], state["evals"], state["last_eval"]
