@@ -34,7 +34,7 @@ class DemoConfig:
     quick: bool = option(False, "tiny budgets everywhere: a smoke test of the whole pipeline in a couple of minutes")
     seed: int = option(0, "seed of the world and every stage")
     preset: str = option("tiny", "model preset for the pretrained base")
-    pretrain_steps: int = option(300, "pretraining steps")
+    pretrain_steps: int = option(600, "pretraining steps")
     sft_epochs: float = option(6.0, "SFT passes over the demonstrations")
     label_budget: int = option(2000, "pairs labelled by the simulated labeler for the reward model")
     rm_epochs: float = option(2.0, "reward-model passes over the labels")
