@@ -38,7 +38,7 @@ import torch
 
 from heed.algos.common import Checkpointer, TrainConfig, global_batch, make_accelerator, make_optimizer
 from heed.config import option, save as save_config
-from heed.data import FEEDBACK_KIND, Feedback, Pair, Ranking, Rating, Thumb, read_feedback, read_rows, \
+from heed.data import Feedback, Pair, Ranking, Rating, Thumb, read_feedback, read_rows, \
     get_messages, get_str, write_jsonl
 from heed.losses import bradley_terry_loss, centering_loss, rating_loss, ranking_loss, thumbs_loss
 from heed.models import make_batch
@@ -341,7 +341,7 @@ def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, he
         batch_rows = global_batch(rows, step, cfg.batch_size, seed=cfg.seed * 1000 + k * 100)  # per member
         local = batch_rows[rank::world]
         micro = [local[i:i + cfg.micro_batch_size] for i in range(0, len(local), cfg.micro_batch_size)]
-        loss_sum, correct, n_pairs = 0.0, 0.0, 0
+        loss_sum = 0.0
         for j, chunk in enumerate(micro):
             batch = flat_batch(tokenizer, chunk, cfg.max_prompt_len, cfg.max_response_len).to(accelerator.device)
             sync = j == len(micro) - 1
