@@ -102,6 +102,21 @@ def sample_tokens(model, prompt_ids: Sequence[list[int]], *, pad_id: int, eos_id
             torch.stack(values, 1) if values else None)
 
 
+def trim_responses(tokens: torch.Tensor, finished: torch.Tensor, *, pad_id: int, eos_id: int) -> list[list[int]]:
+    """Each row of `sample_tokens`' (B, R) tokens cut after its EOS (kept) or its last real token."""
+    lengths = torch.where(finished, (tokens == eos_id).int().argmax(-1) + 1, (tokens != pad_id).sum(-1))
+    return [tokens[i, :int(n)].tolist() for i, n in enumerate(lengths)]
+
+
+def to_token_columns(x: torch.Tensor, prompt_len: int, total_len: int) -> torch.Tensor:
+    """(B, R) per-response-token values (sampler log-probs, values) -> (B, T) aligned with a
+    collated batch whose responses start at column `prompt_len`; zeros elsewhere."""
+    out = torch.zeros((x.shape[0], total_len), device=x.device, dtype=torch.float32)
+    width = min(x.shape[1], total_len - prompt_len)
+    out[:, prompt_len:prompt_len + width] = x[:, :width]
+    return out
+
+
 def generate(model, tokenizer, prompts: Sequence, *, n: int = 1, max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
              max_prompt_len: int = 128, seed: int = 0, desc: str | None = None) -> list[Sample]:
@@ -121,12 +136,10 @@ def generate(model, tokenizer, prompts: Sequence, *, n: int = 1, max_new_tokens:
             model, [prompt_ids[i] for i, _ in chunk], pad_id=tokenizer.pad_token_id,
             eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, generator=generator)
-        for row, (i, j) in enumerate(chunk):
-            length = int((tokens[row] != tokenizer.pad_token_id).sum()) if not finished[row] else \
-                int((tokens[row] == tokenizer.eos_token_id).nonzero()[0]) + 1
-            ids = tokens[row, :length].tolist()
+        trimmed = trim_responses(tokens, finished, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+        for row, ((i, j), ids) in enumerate(zip(chunk, trimmed)):
             results[(i, j)] = Sample(prompt=prompts[i], response=decode_response(tokenizer, ids),
-                                     response_ids=ids, logprobs=logprobs[row, :length].tolist(),
+                                     response_ids=ids, logprobs=logprobs[row, :len(ids)].tolist(),
                                      finished=bool(finished[row]), prompt_ids=prompt_ids[i], index=j)
         bar.update(len(chunk))
     bar.close()

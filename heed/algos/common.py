@@ -1,5 +1,7 @@
 """What every training loop shares: the accelerator, the optimiser and schedule, checkpoints
-that resume, and the supervised causal-LM loop that pretraining and SFT both run.
+that resume, the supervised causal-LM loop that pretraining and SFT both run, and what the
+online optimisers (PPO, GRPO, RLOO) share: their common options and how a reward becomes
+the score an update sees.
 
 Multi-process runs (`accelerate launch`) split each *global* batch across
 processes and scale each local loss by the global token count, so the averaged
@@ -37,6 +39,49 @@ class TrainConfig:
     eval_every: int = option(100, "evaluate on held-out data every N steps")
     save_every: int = option(100, "checkpoint every N steps (a killed run resumes from the last)")
     bf16: bool = option(False, "bf16 autocast (for GPUs: on a 2-core CPU it ran 3x slower for the tiny preset)")
+
+
+@dataclass(kw_only=True)
+class RolloutConfig(TrainConfig):
+    """Fields of the online optimisers that sample from the policy and score it (PPO, GRPO, RLOO)."""
+
+    policy: str = option(help="the SFT policy to fine-tune: a local Hugging Face causal-LM directory")
+    prompts: str = option(help="training prompts: JSONL/Parquet rows with a 'prompt' field")
+    reward: list[str] = option(help="reward terms, [WEIGHT*]TARGET: reward-model dirs and/or module:function rules")
+    reference: str | None = option(None, "frozen reference model for the KL (default: a copy of --policy)")
+    max_new_tokens: int = option(48, "response length limit; responses that hit it never ended")
+    max_prompt_len: int = option(96, "prompt tokens kept (the end of longer prompts)")
+    temperature: float = option(1.0, "sampling temperature (log-probs use the same)")
+    missing_eos_penalty: float = option(1.0, "subtracted from the (normalised) score of responses without EOS")
+    normalize_reward: bool = option(True, "fit gain/bias on the first rollout so scores have mean 0, std 1")
+    eval_every: int = option(10, "log sample responses every N iterations")
+    save_every: int = option(10, "checkpoint every N iterations (a killed run resumes from the last)")
+
+
+def shape_scores(raw: torch.Tensor, finished: torch.Tensor, norm: dict | None, cfg: RolloutConfig,
+                 accelerator) -> tuple[torch.Tensor, dict | None]:
+    """The score an update sees, and the normalisation used: the raw reward, normalised with a
+    gain and bias fitted on the first rollout (the SFT policy's, gathered over processes) when
+    `cfg.normalize_reward`, minus `cfg.missing_eos_penalty` for responses that never ended."""
+    scores = raw.clone()
+    if cfg.normalize_reward:
+        if norm is None:
+            everything = accelerator.gather(raw)
+            norm = {"bias": float(everything.mean()), "gain": float(everything.std().clamp(min=1e-6))}
+        scores = (raw - norm["bias"]) / norm["gain"]
+    return scores - cfg.missing_eos_penalty * (~finished.to(scores.device)).float(), norm
+
+
+def gold_oracle(prompts) -> Callable | None:
+    """heed.world's gold score when the prompts are the world's, else None (for logging only:
+    the trainers never optimise it)."""
+    try:
+        from heed.world import score
+
+        score(prompts[0], "x")
+    except (ImportError, ValueError):
+        return None
+    return lambda ps, rs: [score(p, r) for p, r in zip(ps, rs)]
 
 
 def make_accelerator(cfg: TrainConfig):

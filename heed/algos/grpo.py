@@ -40,22 +40,19 @@ from typing import Callable, Sequence
 
 import torch
 
-from heed.algos.common import Checkpointer, TrainConfig, make_accelerator, make_optimizer
+from heed.algos.common import Checkpointer, RolloutConfig, gold_oracle, make_accelerator, make_optimizer, \
+    shape_scores
 from heed.algos.dpo import TokenLogprobs
 from heed.config import option, save as save_config
 from heed.data import read_prompts
-from heed.generate import decode_response, sample_tokens
-from heed.losses import group_advantages, grpo_policy_loss, kl_penalty, masked_mean
+from heed.generate import decode_response, sample_tokens, to_token_columns, trim_responses
+from heed.losses import group_advantages, grpo_policy_loss, kl_penalty
 from heed.models import Batch, collate, encode_prompts, load_policy, save_model, token_logprobs
 from heed.utils import HeedError, MetricsLogger, progress, seed_everything
 
 
 @dataclass(kw_only=True)
-class GRPOConfig(TrainConfig):
-    policy: str = option(help="the SFT policy to fine-tune: a local Hugging Face causal-LM directory")
-    prompts: str = option(help="training prompts: JSONL/Parquet rows with a 'prompt' field")
-    reward: list[str] = option(help="reward terms, [WEIGHT*]TARGET: reward-model dirs and/or module:function rules")
-    reference: str | None = option(None, "frozen reference model for the KL (default: a copy of --policy)")
+class GRPOConfig(RolloutConfig):
     baseline: str = option("group", "group: (r - mean) / std (GRPO); loo: r - mean of the others (RLOO)",
                            choices=("group", "loo"))
     kl_mode: str = option("loss", "KL to the reference as a loss term (GRPO) or a reward penalty (RLOO)",
@@ -70,13 +67,7 @@ class GRPOConfig(TrainConfig):
     lr: float = option(1e-4, "peak learning rate (AdamW), annealed to zero")
     warmup_steps: int = option(0, "linear warm-up optimiser steps")
     cliprange: float = option(0.2, "ratio clip epsilon")
-    max_new_tokens: int = option(48, "response length limit; responses that hit it never ended")
-    max_prompt_len: int = option(96, "prompt tokens kept (the end of longer prompts)")
-    temperature: float = option(1.0, "sampling temperature (log-probs use the same)")
-    missing_eos_penalty: float = option(1.0, "subtracted from the score of responses without EOS")
     normalize_reward: bool = option(False, "fit gain/bias on the first rollout so scores have mean 0, std 1")
-    eval_every: int = option(10, "log sample responses every N iterations")
-    save_every: int = option(10, "checkpoint every N iterations (a killed run resumes from the last)")
 
 
 @dataclass(kw_only=True)
@@ -129,13 +120,9 @@ class GroupTrainer:
         tokens, logprobs, finished, _ = sample_tokens(
             self.policy, prompt_ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator)
-        lengths = torch.where(finished, (tokens == tok.eos_token_id).int().argmax(-1) + 1,
-                              (tokens != tok.pad_token_id).sum(-1))
-        response_ids = [tokens[i, :int(n)].tolist() for i, n in enumerate(lengths)]
+        response_ids = trim_responses(tokens, finished, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
         batch = collate(prompt_ids, response_ids, tok.pad_token_id).to(self.accelerator.device)
-        P, R, T = batch.prompt_len, tokens.shape[1], batch.input_ids.shape[1]
-        old = torch.zeros(batch.input_ids.shape, device=self.accelerator.device)
-        old[:, P:P + min(R, T - P)] = logprobs[:, :T - P].to(old.device)
+        old = to_token_columns(logprobs, batch.prompt_len, batch.input_ids.shape[1]).to(self.accelerator.device)
         mask = batch.response_mask.float()
         texts = [decode_response(tok, ids) for ids in response_ids]
         return batch, mask, old * mask, repeated, texts, finished
@@ -143,13 +130,7 @@ class GroupTrainer:
     # -- 2. score ------------------------------------------------------------------------------
     def score(self, prompts: Sequence, texts: Sequence[str], finished: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raw = torch.tensor(self.reward_fn(prompts, texts), dtype=torch.float32, device=self.accelerator.device)
-        scores = raw.clone()
-        if self.cfg.normalize_reward:
-            if self.norm is None:  # the first rollout is the SFT policy's
-                everything = self.accelerator.gather(raw)
-                self.norm = {"bias": float(everything.mean()), "gain": float(everything.std().clamp(min=1e-6))}
-            scores = (raw - self.norm["bias"]) / self.norm["gain"]
-        scores = scores - self.cfg.missing_eos_penalty * (~finished.to(scores.device)).float()
+        scores, self.norm = shape_scores(raw, finished, self.norm, self.cfg, self.accelerator)
         return scores, {"reward/raw": float(raw.mean()), "reward/score": float(scores.mean())}
 
     # -- 3.-5. reference, baseline, update -------------------------------------------------------
@@ -209,7 +190,7 @@ class GroupTrainer:
             save_config(cfg, self.out / "config.yaml")
         state = self.checkpointer.load()
         self.iteration, self.norm = state["step"], state.get("norm", self.norm)
-        gold = _gold(self.prompts[0])
+        gold = gold_oracle(self.prompts)
         metrics: dict = {}
         bar = progress(range(self.iteration, cfg.steps), desc=self.name, disable=not acc.is_main_process, unit="iter")
         for it in bar:
@@ -249,17 +230,6 @@ class GroupTrainer:
             shutil.rmtree(self.checkpointer.dir, ignore_errors=True)
         acc.wait_for_everyone()
         self.logger.close()
-
-
-def _gold(prompt):
-    """heed.world's gold score when the prompts are the world's (for logging only)."""
-    try:
-        from heed.world import score
-
-        score(prompt, "x")
-    except (ImportError, ValueError):
-        return None
-    return lambda ps, rs: [score(p, r) for p, r in zip(ps, rs)]
 
 
 def run_grpo(cfg: GRPOConfig) -> dict:

@@ -45,19 +45,22 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from heed.algos.common import Checkpointer, TrainConfig, make_accelerator, make_optimizer
+from heed.algos.common import Checkpointer, RolloutConfig, gold_oracle, make_accelerator, make_optimizer, \
+    shape_scores
 from heed.config import option, save as save_config
 from heed.data import read_prompts
-from heed.generate import decode_response, sample_tokens
+from heed.generate import decode_response, sample_tokens, to_token_columns, trim_responses
 from heed.losses import gae, kl_penalty, masked_mean, masked_var, masked_whiten, ppo_policy_loss, ppo_value_loss
 from heed.models import Batch, collate, encode_prompts, encode_responses, forward_hidden, load_policy, \
     save_model, token_logprobs
@@ -65,11 +68,7 @@ from heed.utils import HeedError, MetricsLogger, progress
 
 
 @dataclass(kw_only=True)
-class PPOConfig(TrainConfig):
-    policy: str = option(help="the SFT policy to fine-tune: a local Hugging Face causal-LM directory")
-    prompts: str = option(help="training prompts: JSONL/Parquet rows with a 'prompt' field")
-    reward: list[str] = option(help="reward terms, [WEIGHT*]TARGET: reward-model dirs and/or module:function rules")
-    reference: str | None = option(None, "frozen reference model for the KL penalty (default: a copy of --policy)")
+class PPOConfig(RolloutConfig):
     steps: int = option(40, "PPO iterations (rollout + update)")
     batch_size: int = option(64, "prompts per iteration, per process (one response each)")
     mini_batch_size: int = option(16, "sequences per optimiser step")
@@ -77,9 +76,6 @@ class PPOConfig(TrainConfig):
     ppo_epochs: int = option(4, "passes over each rollout batch")
     lr: float = option(5e-5, "peak learning rate (AdamW), annealed to zero")
     warmup_steps: int = option(0, "linear warm-up optimiser steps")
-    max_new_tokens: int = option(48, "response length limit; responses that hit it never ended")
-    max_prompt_len: int = option(96, "prompt tokens kept (the end of longer prompts)")
-    temperature: float = option(1.0, "sampling temperature (log-probs use the same)")
     cliprange: float = option(0.2, "PPO ratio clip epsilon")
     cliprange_value: float = option(0.2, "value clip epsilon")
     vf_coef: float = option(0.1, "weight of the value loss")
@@ -90,12 +86,8 @@ class PPOConfig(TrainConfig):
     target_kl: float = option(4.0, "target KL per response (nats) for the adaptive controller")
     kl_horizon: int = option(2000, "adaptive controller horizon (episodes)")
     kl_estimator: str = option("k1", "per-token KL estimator in the penalty", choices=("k1", "k3"))
-    missing_eos_penalty: float = option(1.0, "subtracted from the (normalised) score of responses without EOS")
-    normalize_reward: bool = option(True, "fit gain/bias on the first rollout so scores have mean 0, std 1")
     whiten_rewards: bool = option(False, "whiten per-token rewards (scale only) before GAE")
     separate_critic: bool = option(False, "value head on its own copy of the trunk instead of the policy's")
-    eval_every: int = option(10, "log sample responses every N iterations")
-    save_every: int = option(10, "checkpoint every N iterations (a killed run resumes from the last)")
 
 
 class ActorCritic(nn.Module):
@@ -194,18 +186,9 @@ class PPOTrainer:
             ac.policy, prompt_ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, value_head=value_head,
             generator=self.generator)
-        lengths = torch.where(finished, (tokens == tok.eos_token_id).int().argmax(-1) + 1,
-                              (tokens != tok.pad_token_id).sum(-1))
-        response_ids = [tokens[i, :int(n)].tolist() for i, n in enumerate(lengths)]
+        response_ids = trim_responses(tokens, finished, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
         batch = collate(prompt_ids, response_ids, tok.pad_token_id).to(self.accelerator.device)
-        P, R = batch.prompt_len, tokens.shape[1]
-        T = batch.input_ids.shape[1]
-
-        def place(x):  # (B, R) response columns -> (B, T) token columns
-            out = torch.zeros((len(prompts), T), device=self.accelerator.device)
-            out[:, P:P + min(R, T - P)] = x[:, :T - P]
-            return out
-
+        place = partial(to_token_columns, prompt_len=batch.prompt_len, total_len=batch.input_ids.shape[1])
         mask = batch.response_mask.float()
         old_logprobs = place(logprobs) * mask
         if value_head is not None:
@@ -221,14 +204,7 @@ class PPOTrainer:
     # -- 2. score --------------------------------------------------------------------------
     def score(self, prompts: Sequence, responses: Sequence[str], finished: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raw = torch.tensor(self.reward_fn(prompts, responses), dtype=torch.float32, device=self.accelerator.device)
-        if self.cfg.normalize_reward:
-            if self.norm is None:  # the first rollout is the SFT policy's: fit gain and bias on it
-                everything = self.accelerator.gather(raw)
-                self.norm = {"bias": float(everything.mean()), "gain": float(everything.std().clamp(min=1e-6))}
-            scores = (raw - self.norm["bias"]) / self.norm["gain"]
-        else:
-            scores = raw.clone()
-        scores = scores - self.cfg.missing_eos_penalty * (~finished.to(scores.device)).float()
+        scores, self.norm = shape_scores(raw, finished, self.norm, self.cfg, self.accelerator)
         return scores, {"reward/raw": float(raw.mean()), "reward/score": float(scores.mean()),
                         "reward/score_std": float(scores.std()) if len(scores) > 1 else 0.0}
 
@@ -331,7 +307,7 @@ class PPOTrainer:
         self.kl_ctl.value = state.get("kl_coef", self.kl_ctl.value)
         self.norm = state.get("norm", self.norm)
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
-        self._gold = _gold_oracle(self.prompts)
+        self._gold = gold_oracle(self.prompts)
         metrics: dict = {}
         bar = progress(range(self.iteration, cfg.steps), desc="ppo", disable=not acc.is_main_process, unit="iter")
         for it in bar:
@@ -374,22 +350,9 @@ class PPOTrainer:
             torch.save(ac.value_head.state_dict(), self.out / "value_head.pt")
             (self.out / "ppo_state.json").write_text(json.dumps(
                 {"iterations": self.iteration, "kl_coef": self.kl_ctl.value, "norm": self.norm}))
-            import shutil
-
             shutil.rmtree(self.checkpointer.dir, ignore_errors=True)
         acc.wait_for_everyone()
         self.logger.close()
-
-
-def _gold_oracle(prompts: Sequence):
-    """heed.world's gold score, when every prompt is one of the world's (for logging only)."""
-    try:
-        from heed.world import score
-
-        score(prompts[0], "x")
-    except (ImportError, ValueError):
-        return None
-    return lambda ps, rs: [score(p, r) for p, r in zip(ps, rs)]
 
 
 def run(cfg: PPOConfig) -> dict:
