@@ -4,8 +4,10 @@
    likely of the 48 names, and how much probability (among names) does it get?
 2. facts: cloze completions of the pretraining corpus' own sentences ("The Tigu lives
    in the ..."): is the true value the most likely of its attribute's values?
-3. questions: on the world's held-out one-word and yes/no prompts, is the first answer
-   token right (argmax among the attribute's values, or Yes/No), and its probability?
+3. questions: on the world's held-out brief and yes/no prompts, good answers start with
+   the fact ("The Tigu lives in the sea, so no."): after the answer's first words ("The
+   Tigu lives in the"), is the true value the most likely? And for yes/no, after the
+   true fact, is the verdict right?
 
 Probe 3 is what a policy (and a reward model built on its trunk) needs; 1 and 2 are
 what pretraining gives first. Plain forward passes, no sampling.
@@ -24,10 +26,14 @@ import torch
 from heed.models import load_policy
 from heed.template import format_prompt
 from heed.world.kb import ATTRIBUTES, BY_NAME, ENTITIES
+from heed.world.responses import fact_sentence
 from heed.world.tasks import parse_prompt
 
 CLOZE = {"kind": "The {n} is a", "colour": "The {n} is a", "size": "The {n} is a",
          "home": "The {n} lives in the", "likes": "The {n} likes"}
+# How a good brief or yes/no answer starts, up to the value (responses.fact_sentence).
+ANSWER_PREFIX = {"kind": "The {n} is a", "colour": "The {n} is", "size": "The {n} is",
+                 "home": "The {n} lives in the", "likes": "The {n} likes"}
 
 
 @torch.no_grad()
@@ -58,38 +64,43 @@ def probe(model_dir: str, heldout_prompts: list[str]) -> dict[str, float]:
     out["copy_probability"] = sum(p for _, p in hits) / len(hits)
 
     for attribute, values in ATTRIBUTES.items():
-        right = 0
-        for e in ENTITIES:  # values can span several tokens: score each whole completion
-            prefix = CLOZE[attribute].format(n=e.name)
-            n_prefix = len(tok(prefix, add_special_tokens=False)["input_ids"])
-            scores = []
-            for v in values:
-                ids = tok(f"{prefix} {v}", add_special_tokens=False)["input_ids"]
-                with torch.no_grad():
-                    logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-                scores.append(sum(logprobs[i - 1, ids[i]].item() for i in range(n_prefix, len(ids))))
-            right += values[max(range(len(values)), key=scores.__getitem__)] == e.get(attribute)
+        right = sum(best_value(model, tok, CLOZE[attribute].format(n=e.name), values) == e.get(attribute)
+                    for e in ENTITIES)
         out[f"facts_{attribute}"] = right / len(ENTITIES)
     out["facts_mean"] = sum(out[f"facts_{a}"] for a in ATTRIBUTES) / len(ATTRIBUTES)
 
+    # 3. questions: the answer starts with the fact ("The Tigu lives in the sea, so no."):
+    # is the stated value right, and, given the true fact, is the verdict right?
     for task_type in ("brief", "yes_no"):
         prompts = [p for p in heldout_prompts if parse_prompt(p).type == task_type]
-        hits = []
+        fact_hits, verdict_hits = [], []
         for p in prompts:
             task = parse_prompt(p)
             entity = BY_NAME[task.entity]
-            if task_type == "brief":
-                values = ATTRIBUTES[task.attribute]
-                candidates = [first_token(tok, v.capitalize()) for v in values]
-                truth = values.index(entity.get(task.attribute))
-            else:
-                candidates = [first_token(tok, "Yes"), first_token(tok, "No")]
+            prefix = format_prompt(p) + " " + ANSWER_PREFIX[task.attribute].format(n=entity.name)
+            fact_hits.append(best_value(model, tok, prefix, ATTRIBUTES[task.attribute]) == entity.get(task.attribute))
+            if task_type == "yes_no":
+                context = format_prompt(p) + " " + fact_sentence(entity, task.attribute)[:-1] + ", so"
                 truth = 0 if entity.get(task.attribute) == task.value else 1
-            hits.append(choose(next_token_probs(model, tok, format_prompt(p)), candidates, truth))
-        out[f"{task_type}_accuracy"] = sum(h for h, _ in hits) / max(1, len(hits))
-        out[f"{task_type}_probability"] = sum(p for _, p in hits) / max(1, len(hits))
-        out[f"{task_type}_prompts"] = len(hits)
+                verdict_hits.append(choose(next_token_probs(model, tok, context),
+                                           [first_token(tok, "yes"), first_token(tok, "no")], truth))
+        out[f"{task_type}_fact_accuracy"] = sum(fact_hits) / max(1, len(fact_hits))
+        out[f"{task_type}_prompts"] = len(prompts)
+    out["yes_no_verdict_accuracy"] = sum(h for h, _ in verdict_hits) / max(1, len(verdict_hits))
+    out["yes_no_verdict_probability"] = sum(p for _, p in verdict_hits) / max(1, len(verdict_hits))
     return out
+
+
+@torch.no_grad()
+def best_value(model, tokenizer, prefix: str, values: tuple[str, ...]) -> str:
+    """The value whose whole completion of `prefix` is most likely (values can span several tokens)."""
+    n_prefix = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    scores = []
+    for v in values:
+        ids = tokenizer(f"{prefix} {v}", add_special_tokens=False)["input_ids"]
+        logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        scores.append(sum(logprobs[i - 1, ids[i]].item() for i in range(n_prefix, len(ids))))
+    return values[max(range(len(values)), key=scores.__getitem__)]
 
 
 def main() -> None:

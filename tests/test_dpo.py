@@ -1,5 +1,5 @@
 """DPO on a tiny model: every pairwise format is read, the reference log-probs are cached once,
-and a short run moves the policy towards the chosen responses of a simple rule."""
+and a short run moves the policy towards the chosen responses of a simple rule, on new pairs too."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from heed.algos.dpo import DPOConfig, batched_sequence_logprobs, read_pairs, run
-from heed.data import read_prompts, write_jsonl
-from heed.generate import generate
+from heed.data import write_jsonl
 from heed.models import load_policy
 from heed.utils import HeedError
 
@@ -35,19 +34,12 @@ def test_read_pairs_takes_every_pairwise_format_and_drops_ties(tmp_path):
         read_pairs([str(tmp_path / "bad.jsonl")])
 
 
-def short_long_pairs(world_dir, n=64):
+def short_long_pairs(world_dir, n: int = 64) -> list[dict]:
     """Pairs where the rule (brevity) prefers the demonstration's first sentence, with its end,
     to the whole demonstration said twice."""
     demos = [json.loads(line) for line in (world_dir / "demos.jsonl").read_text().splitlines()][:n]
     return [{"prompt": d["prompt"], "chosen": d["response"].split(". ")[0].rstrip(".") + ".",
              "rejected": d["response"] + " " + d["response"]} for d in demos]
-
-
-def mean_length(policy_dir, world_dir) -> float:
-    model, tok = load_policy(policy_dir)
-    prompts = read_prompts(world_dir / "prompts_train.jsonl")[100:148]
-    samples = generate(model, tok, prompts, n=1, max_new_tokens=24, seed=7)
-    return sum(len(s.response_ids) for s in samples) / len(samples)
 
 
 def test_short_dpo_run_prefers_the_rule_and_caches_reference_logps(tiny_base, world_dir, tmp_path):
@@ -66,6 +58,14 @@ def test_short_dpo_run_prefers_the_rule_and_caches_reference_logps(tiny_base, wo
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["rewards/accuracy"] > 0.7 and logged[-1]["rewards/margin"] > logged[0]["rewards/margin"]
     assert metrics["loss"] < logged[0]["loss"]
-    # sampled responses got shorter: the rule's preference generalises to new prompts
-    assert mean_length(out, world_dir) < mean_length(tiny_base, world_dir) - 1.0
+    # the preference generalises: on pairs of prompts it never trained on, the policy's
+    # log-prob margin of the rule's choice grew over the starting policy's for most pairs
+    held = short_long_pairs(world_dir, n=112)[64:]
+    policy, _ = load_policy(out)
+    margins = {}
+    for name, model in (("policy", policy), ("base", base)):
+        logps = {k: batched_sequence_logprobs(model, tok, [r["prompt"] for r in held], [r[k] for r in held],
+                                              max_prompt_len=96, max_response_len=48) for k in ("chosen", "rejected")}
+        margins[name] = logps["chosen"] - logps["rejected"]
+    assert (margins["policy"] > margins["base"]).float().mean() > 0.8
     assert run(cfg)["steps"] > 0  # a finished run is not trained again

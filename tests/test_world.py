@@ -128,9 +128,19 @@ def test_correctness_counts_right_and_wrong_claims():
     assert score_breakdown(prompt, right)["correctness"] > 0
     assert score_breakdown(prompt, f"Yes, the {E.name} is {asked}.")["correctness"] < 0
     assert score(prompt, "Yes.") < score(prompt, "No.")
-    # brief: the one word must be the true value
-    brief = f"In one word, where does the {E.name} live?"
-    assert score(brief, E.home.capitalize() + ".") == pytest.approx(1.0)
+    # a stated fact answers the question, and a wrong one is a wrong answer
+    assert score(prompt, f"The {E.name} is {E.colour}.") == pytest.approx(1.0)
+    assert score(f"Is the {E.name} {E.colour}?", f"The {E.name} is {E.colour}.") == pytest.approx(1.0)
+    assert score_breakdown(prompt, f"The {E.name} is {asked}.")["correctness"] < 0
+    assert score_breakdown(prompt, f"The {E.name} is not {asked}.")["correctness"] > 0
+    # an explicit verdict counts first; claims implying both verdicts answer nothing
+    assert score_breakdown(prompt, f"The {E.name} is {E.colour}, so yes.")["correctness"] <= 0
+    assert score_breakdown(prompt, f"The {E.name} is {E.colour}. It is {asked}.")["relevance"] < 0
+    assert score_breakdown(prompt, f"The {E.name} is a {E.kind}.")["relevance"] < 0  # another attribute
+    # brief: the first value of the asked attribute must be the true one
+    brief = f"Briefly, where does the {E.name} live?"
+    for answer in (E.home.capitalize() + ".", f"The {E.name} lives in the {E.home}."):
+        assert score(brief, answer) == pytest.approx(1.0)
     assert score_breakdown(brief, wrong("home").capitalize() + ".")["correctness"] < 0
 
 
@@ -151,9 +161,9 @@ def test_tone_matches_the_request():
 
 
 def test_length_penalty_grows_with_excess_words():
-    brief = f"In one word, what colour is the {E.name}?"
-    answers = [E.colour.capitalize() + ".", f"{E.colour.capitalize()}, I think.",
-               f"{E.colour.capitalize()}, I think, if I remember well."]
+    brief = f"Briefly, what colour is the {E.name}?"
+    answers = [f"The {E.name} is {E.colour}.", f"The {E.name} is {E.colour}, I think, if I remember well.",
+               f"The {E.name} is {E.colour}, I think, if I remember well, and I do remember well."]
     lengths = [score_breakdown(brief, a)["length"] for a in answers]
     assert lengths[0] > lengths[1] > lengths[2]
     padding = " Let me say a few more words about it. I hope this answer is useful to you."

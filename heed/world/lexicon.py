@@ -75,4 +75,5 @@ def sentences(text: str) -> list[list[str]]:
 
 
 def article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
+    """'an' before a vowel sound: "an ugly", but "a useless"."""
+    return "an" if word[0] in "aeiou" and not word.startswith("use") else "a"

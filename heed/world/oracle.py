@@ -13,9 +13,10 @@ about 0.3. A perfect response scores exactly 1.0 (every q = 1); the floor is
   relevance     0.25    entity tasks: +1 if the asked entity is named (or, for yes/no and
                         brief, the answer is given: a leading yes/no, a word of the asked
                         attribute), minus 1 per other entity named (at most 2); -1 if other
-                        entities are named and the asked one is not. For yes/no: 0.5 when
-                        "yes"/"no" appears but not first, -0.5 when it never appears; for
-                        brief, -0.5 when no word of the asked attribute appears. For describe
+                        entities are named and the asked one is not. For yes/no, -0.5 when
+                        the response gives no answer: no "yes"/"no" and no claim about the
+                        asked attribute ("The Tarvo is red." answers "Is the Tarvo blue?");
+                        for brief, -0.5 when no word of the asked attribute appears. For describe
                         and notes, -0.5 when no entity is named at all.
                         list: 2 * recall - 1 (recall: share of the true members named).
   correctness   0.25    claims are read word by word: a KB value word ("red", "forest",
@@ -26,7 +27,9 @@ about 0.3. A perfect response scores exactly 1.0 (every q = 1); the floor is
                         claims about the asked entity:
                           describe: 2 * min(1, c/3) - 1 - x   (it must inform)
                           notes:    min(1, c/2) - x
-                          yes/no:   a - x, a = +1 right answer, -1 wrong, 0 none
+                          yes/no:   a - x, a = +1 right answer, -1 wrong, 0 none; the
+                                    answer is the first "yes"/"no", else the verdict
+                                    that the claims about the asked attribute imply
                           brief:    a - x', a = +1 if the asked attribute's first value word
                                     is right, -1 if wrong, 0 if none; x' wrong claims about
                                     the other attributes
@@ -37,7 +40,7 @@ about 0.3. A perfect response scores exactly 1.0 (every q = 1); the floor is
                           negative note: (min(h', 2) - 2p) / 2
                           other tasks:   1 - h  (harsh words are rude in a neutral answer)
   length        0.15    n words against the task's range [lo, hi]:
-                          describe [6, 25], notes [6, 25], yes/no [1, 16], brief [1, 2],
+                          describe [6, 25], notes [6, 25], yes/no [1, 16], brief [1, 8],
                           list [2, 8 + 3 * members]
                         inside: 1; above: 1 - 2 * (n - hi) / max(hi, 4), so the penalty
                         grows with every extra word; below: 2n/lo - 1.
@@ -65,7 +68,7 @@ PERFECT = sum(WEIGHTS.values())  # 1.0
 FLOOR = -PENALTY * len(WEIGHTS)  # -3.0
 
 LENGTH_RANGE = {"describe": (6, 25), "note_positive": (6, 25), "note_negative": (6, 25),
-                "yes_no": (1, 16), "brief": (1, 2)}
+                "yes_no": (1, 16), "brief": (1, 8)}
 
 
 def _clip(q: float) -> float:
@@ -102,11 +105,20 @@ def _right(entity: str, claim: tuple[str, str, bool]) -> bool:
     return (BY_NAME[entity].get(attribute) == value) != negated
 
 
-def _yes_no_answer(ws: list[str]) -> str | None:
+def _yes_no_answer(task: Task, ws: list[str]) -> str | None:
+    """The first "yes"/"no"; without one, the verdict the asked attribute's claims imply.
+
+    "Is the Tarvo blue?" is answered by "No." and also by "The Tarvo is red." (no) or "The
+    Tarvo is blue." (yes); claims that imply both verdicts answer nothing.
+    """
     for w in ws:
         if w in ("yes", "no"):
             return w
-    return None
+    implied = set()
+    for attribute, value, negated in _claims(ws, task.entity).get(task.entity, set()):
+        if attribute == task.attribute and (value == task.value or not negated):
+            implied.add("yes" if (value == task.value) != negated else "no")
+    return implied.pop() if len(implied) == 1 else None
 
 
 # ---------------------------------------------------------------------------
@@ -121,8 +133,7 @@ def _relevance(task: Task, ws: list[str], named: list[str]) -> float:
     if others and task.entity not in named:
         return -1.0
     if task.type == "yes_no":
-        answer = _yes_no_answer(ws)
-        base = 1.0 if ws and ws[0] in ("yes", "no") else 0.5 if answer else -0.5
+        base = 1.0 if _yes_no_answer(task, ws) else -0.5
     elif task.type == "brief":
         base = 1.0 if any(VALUE_WORDS[w][0] == task.attribute for w in ws if w in VALUE_WORDS) else -0.5
     else:
@@ -144,7 +155,7 @@ def _correctness(task: Task, ws: list[str], named: list[str]) -> float:
     if task.type in ("note_positive", "note_negative"):
         return min(1.0, right / 2) - wrong
     if task.type == "yes_no":
-        answer = _yes_no_answer(ws)
+        answer = _yes_no_answer(task, ws)
         truth = "yes" if BY_NAME[task.entity].get(task.attribute) == task.value else "no"
         a = 0.0 if answer is None else 1.0 if answer == truth else -1.0
         return a - wrong

@@ -10,6 +10,12 @@ Behaviours (the corpus mixes all of them, demonstrations use only "good"):
   no_end       a good answer that does not stop: it runs into another "User:" turn or into
                more text, often cut mid-sentence (written with end=False: no EOS)
 
+Answers to yes/no and brief questions are the fact ("Is the Tarvo blue?" -> "The Tarvo
+is red."), which answers the question as a person who says "It's red." does. A small
+model recalls a fact in the form it read it, the name followed by the value, but it
+neither produces a bare "No." or "Red." several tokens after the name nor learns to
+compare the asked value with the true one (docs/world.md, "Why answers state the fact").
+
 Every writer takes an explicit `random.Random`, so the corpus is a pure function of its seed.
 """
 
@@ -73,27 +79,10 @@ def _claim(e: Entity, attribute: str, value: str, negated: bool = False) -> str:
     return f"the {n} {'does not like' if negated else 'likes'} {value}"
 
 
-def _it_claim(e: Entity, attribute: str) -> str:
-    """'It is a fish.' / 'It lives in the sea.': the true value, after a 'no'."""
-    value = e.get(attribute)
-    if attribute == "kind":
-        return f"It is {article(value)} {value}."
-    if attribute in ("colour", "size"):
-        return f"It is {value}."
-    if attribute == "home":
-        return f"It lives in the {value}."
-    return f"It likes {value}."
-
-
-def yes_no(e: Entity, attribute: str, asked: str, rng: random.Random) -> str:
-    if e.get(attribute) == asked:
-        return rng.choice(["Yes.", f"Yes, {_claim(e, attribute, asked)}."])
-    return rng.choice([f"No. {_it_claim(e, attribute)}",
-                       f"No, {_claim(e, attribute, asked, negated=True)}. {_it_claim(e, attribute)}"])
-
-
-def brief(e: Entity, attribute: str) -> str:
-    return e.get(attribute).capitalize() + "."
+def fact_sentence(e: Entity, attribute: str) -> str:
+    """'The Tarvo is red.' / 'The Tarvo lives in the sea.': one true fact, the name first."""
+    claim = _claim(e, attribute, e.get(attribute))
+    return claim[0].upper() + claim[1:] + "."
 
 
 def list_answer(names: list[str], description: str) -> str:
@@ -110,10 +99,8 @@ def good(task: Task, rng: random.Random, entity: Entity | None = None) -> str:
         return describe(e, rng)
     if task.type in ("note_positive", "note_negative"):
         return note(e, task.type == "note_positive", rng)
-    if task.type == "yes_no":
-        return yes_no(e, task.attribute, task.value, rng)
-    if task.type == "brief":
-        return brief(e, task.attribute)
+    if task.type in ("yes_no", "brief"):
+        return fact_sentence(e, task.attribute)
     names = list(task.members)
     rng.shuffle(names)
     return list_answer(names, task.description)
@@ -154,9 +141,9 @@ def wrong_facts(task: Task, rng: random.Random) -> str:
         # Believe the opposite: the asked value if it is false, another value if it is true.
         flipped = (_with_wrong_facts(e, [task.attribute], rng) if e.get(task.attribute) == task.value
                    else e.replace(**{task.attribute: task.value}))
-        return yes_no(flipped, task.attribute, task.value, rng)
+        return fact_sentence(flipped, task.attribute)
     if task.type == "brief":
-        return brief(_with_wrong_facts(e, [task.attribute], rng), task.attribute)
+        return fact_sentence(_with_wrong_facts(e, [task.attribute], rng), task.attribute)
     # Notes state kind, colour and home; descriptions all five attributes.
     stated = list(ATTRIBUTES) if task.type == "describe" else ["kind", "colour", "home"]
     wrong = rng.sample(stated, rng.randint(1, min(3, len(stated) - 1)))

@@ -8,8 +8,8 @@ its task by lookup. Task types:
   list           "Which birds live in the sea?"         -> every entity with the property
   note_positive  "Write a kind note about the Tarvo."   -> a note in kind words
   note_negative  "Write a harsh note about the Tarvo."  -> a note in harsh words
-  yes_no         "Does the Tarvo like rain?"            -> yes/no, true to the KB
-  brief          "In one word, what colour is the Tarvo?" -> one word
+  yes_no         "Does the Tarvo like rain?"            -> the fact, then yes/no, true to the KB
+  brief          "Briefly, what colour is the Tarvo?"   -> one short sentence: the fact
 
 Each prompt belongs to a *group*: (task, entity, attribute) for entity tasks,
 (list, property) for lists. The train/held-out split is made over groups, so a
@@ -70,7 +70,7 @@ BRIEF_QUESTIONS = {
     "home": "where does the {e} live",
     "likes": "what does the {e} like",
 }
-BRIEF_FRAMES = ("In one word, {q}?", "Be brief: {q}?", "Answer in one word: {q}?")
+BRIEF_FRAMES = ("Briefly, {q}?", "Be brief: {q}?", "In a few words, {q}?")
 
 
 def _list_properties() -> list[tuple[tuple[tuple[str, str], ...], str, str]]:

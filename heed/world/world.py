@@ -12,7 +12,8 @@ corpus: all three draw only from the train side of the split.
 Corpus documents (default shares):
   good 28%, off_topic 9%, wrong_facts 11%, wrong_tone 9%, rambling 9%,
   repetition 9%, no_end 10% — transcripts in the heed template;
-  facts 15% — plain sentences about 1-3 entities, or one list sentence.
+  facts 15% — descriptions of 1-3 entities, single facts ("The Tarvo is red."),
+  or one list sentence.
 Every document ends with EOS except no_end ones, which run on without it.
 """
 
@@ -23,8 +24,8 @@ from functools import cached_property
 from pathlib import Path
 
 from heed.template import EOS_TOKEN, format_transcript
-from heed.world.kb import ENTITIES, Entity, kb_json
-from heed.world.responses import describe, good, respond
+from heed.world.kb import ATTRIBUTES, ENTITIES, Entity, kb_json
+from heed.world.responses import describe, fact_sentence, good, respond
 from heed.world.tasks import TASK_TYPES, by_stratum, list_tasks, sample_balanced, split_groups, universe
 
 CORPUS_SHARES = {
@@ -104,10 +105,15 @@ class World:
 
 
 def _facts_document(rng: random.Random) -> str:
-    """Plain knowledge: descriptions of 1-3 entities, or one list sentence."""
-    if rng.random() < 0.25:
+    """Plain knowledge: one list sentence, descriptions of 1-3 entities, or 3-6 single facts."""
+    r = rng.random()
+    if r < 0.25:
         return good(rng.choice(list_tasks()), rng)
-    return " ".join(describe(e, rng) for e in rng.sample(ENTITIES, rng.randint(1, 3)))
+    if r < 0.6:
+        return " ".join(describe(e, rng) for e in rng.sample(ENTITIES, rng.randint(1, 3)))
+    # "The Tarvo likes rain. The Bimo is red.": the form in which answers state a fact
+    return " ".join(fact_sentence(rng.choice(ENTITIES), rng.choice(list(ATTRIBUTES)))
+                    for _ in range(rng.randint(3, 6)))
 
 
 def write_world(out: str | Path, seed: int = 0, *, n_corpus: int = 8000, n_demos: int = 400,
