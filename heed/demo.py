@@ -3,8 +3,8 @@
  1. world     knowledge base, corpus, demonstrations, train and held-out prompts
  2. pretrain  tokenizer + tiny causal LM on the corpus
  3. sft       fine-tune on the demonstrations
- 4. sample    two responses per training prompt from the SFT policy
- 5. label     the simulated labeler compares each pair (noisy, like people)
+ 4. sample    several responses per training prompt from the SFT policy
+ 5. label     the simulated labeler compares them in pairs (noisy, like people)
  6. rm        reward model on those labels, normalised on SFT samples
  7. ppo       PPO against the reward model, KL-tethered to the SFT policy (and, with
               --algos, DPO on the labels and REBEL, GRPO, RLOO on the reward model)
@@ -36,10 +36,13 @@ class DemoConfig:
     preset: str = option("tiny", "model preset for the pretrained base")
     pretrain_steps: int = option(600, "pretraining steps")
     sft_epochs: float = option(6.0, "SFT passes over the demonstrations")
-    label_budget: int = option(2000, "pairs labelled by the simulated labeler for the reward model")
-    rm_epochs: float = option(2.0, "reward-model passes over the labels")
+    samples_per_prompt: int = option(8, "SFT responses sampled per training prompt; the labeler compares them "
+                                        "in pairs (1-2, 3-4, ...), skipping identical ones")
+    label_budget: int = option(4000, "pairs labelled by the simulated labeler for the reward model")
+    rm_epochs: float = option(3.0, "reward-model passes over the labels")
+    rm_lr: float = option(3e-4, "reward-model learning rate")
     ppo_steps: int = option(40, "PPO iterations (64 prompts each)")
-    ppo_lr: float = option(3e-4, "PPO learning rate")
+    ppo_lr: float = option(3e-5, "PPO learning rate")
     algos: list[str] = option(["ppo"], "policy optimisers to train from the same SFT model and labels: "
                                        "ppo, dpo, rebel, grpo, rloo")
     eval_prompts: int = option(600, "held-out prompts for the final evaluation")
@@ -49,8 +52,8 @@ class DemoConfig:
 def _quick(cfg: DemoConfig) -> DemoConfig:
     """The smoke-test budgets (`--quick`)."""
     return DemoConfig(out=cfg.out, quick=True, seed=cfg.seed, preset=cfg.preset, pretrain_steps=20,
-                      sft_epochs=1.0, label_budget=120, rm_epochs=1.0, ppo_steps=3, ppo_lr=cfg.ppo_lr,
-                      eval_prompts=40, algos=cfg.algos, bf16=cfg.bf16)
+                      sft_epochs=1.0, samples_per_prompt=2, label_budget=120, rm_epochs=1.0, rm_lr=cfg.rm_lr,
+                      ppo_steps=3, ppo_lr=cfg.ppo_lr, eval_prompts=40, algos=cfg.algos, bf16=cfg.bf16)
 
 
 class Stages:
@@ -111,12 +114,13 @@ def run(cfg: DemoConfig) -> dict:
 
     train_prompts = read_prompts(world / "prompts_train.jsonl")
     labels_path = out / "labels.jsonl"
-    t = stages.start("sample", "two responses per training prompt from the SFT policy")
-    n_prompts = min(len(train_prompts), cfg.label_budget)
+    if cfg.samples_per_prompt < 2 or cfg.samples_per_prompt % 2:
+        raise HeedError(f"--samples-per-prompt must be even and at least 2, got {cfg.samples_per_prompt}")
+    t = stages.start("sample", f"{cfg.samples_per_prompt} responses per training prompt from the SFT policy")
     samples_path = out / "samples.jsonl"
     if not samples_path.exists():
         sft, tok = load_policy(out / "sft")
-        samples = generate(sft, tok, train_prompts[:n_prompts], n=2, max_new_tokens=48, seed=cfg.seed,
+        samples = generate(sft, tok, train_prompts, n=cfg.samples_per_prompt, max_new_tokens=48, seed=cfg.seed,
                            desc="sample")
         write_jsonl(samples_path, [{"prompt": s.prompt, "response": s.response, "finished": s.finished}
                                    for s in samples])
@@ -135,7 +139,7 @@ def run(cfg: DemoConfig) -> dict:
 
     t = stages.start("rm", "reward model on the labels")
     rm_result = rm_train(RewardTrainConfig(model=str(out / "sft"), data=[str(labels_path)], out=str(out / "rm"),
-                                           epochs=cfg.rm_epochs, norm_samples=64 if cfg.quick else 256, **common))
+                                           epochs=cfg.rm_epochs, lr=cfg.rm_lr, norm_samples=64 if cfg.quick else 256, **common))
     stages.done("rm", t)
 
     peaks: dict[str, float] = {}
