@@ -139,7 +139,8 @@ def run(cfg: DemoConfig) -> dict:
 
     t = stages.start("rm", "reward model on the labels")
     rm_result = rm_train(RewardTrainConfig(model=str(out / "sft"), data=[str(labels_path)], out=str(out / "rm"),
-                                           epochs=cfg.rm_epochs, lr=cfg.rm_lr, norm_samples=64 if cfg.quick else 256, **common))
+                                           epochs=cfg.rm_epochs, lr=cfg.rm_lr, norm_samples=64 if cfg.quick else 256,
+                                           **common))
     stages.done("rm", t)
 
     peaks: dict[str, float] = {}

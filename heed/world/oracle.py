@@ -10,10 +10,11 @@ about 0.3. A perfect response scores exactly 1.0 (every q = 1); the floor is
 -3.0 (every q = -1).
 
   criterion     weight  q
-  relevance     0.25    entity tasks: +1 if the asked entity is named (or, for yes/no and
-                        brief, the answer is given: a leading yes/no, a word of the asked
-                        attribute), minus 1 per other entity named (at most 2); -1 if other
-                        entities are named and the asked one is not. For yes/no, -0.5 when
+  relevance     0.25    entity tasks: +1 if the asked entity is named (or, for yes/no, an
+                        answer is given: a yes/no or a claim about the asked attribute;
+                        for brief, a word of the asked attribute), minus 1 per other
+                        entity named (at most 2); -1 if other entities are named and the
+                        asked one is not. For yes/no, -0.5 when
                         the response gives no answer: no "yes"/"no" and no claim about the
                         asked attribute ("The Tarvo is red." answers "Is the Tarvo blue?");
                         for brief, -0.5 when no word of the asked attribute appears. For describe

@@ -8,7 +8,7 @@ its task by lookup. Task types:
   list           "Which birds live in the sea?"         -> every entity with the property
   note_positive  "Write a kind note about the Tarvo."   -> a note in kind words
   note_negative  "Write a harsh note about the Tarvo."  -> a note in harsh words
-  yes_no         "Does the Tarvo like rain?"            -> the fact, then yes/no, true to the KB
+  yes_no         "Does the Tarvo like rain?"            -> the fact that answers it, true to the KB
   brief          "Briefly, what colour is the Tarvo?"   -> one short sentence: the fact
 
 Each prompt belongs to a *group*: (task, entity, attribute) for entity tasks,
