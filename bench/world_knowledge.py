@@ -4,10 +4,11 @@
    likely of the 48 names, and how much probability (among names) does it get?
 2. facts: cloze completions of the pretraining corpus' own sentences ("The Tigu lives
    in the ..."): is the true value the most likely of its attribute's values?
-3. questions: on the world's held-out brief and yes/no prompts, good answers start with
-   the fact ("The Tigu lives in the sea, so no."): after the answer's first words ("The
-   Tigu lives in the"), is the true value the most likely? And for yes/no, after the
-   true fact, is the verdict right?
+3. questions: on the world's held-out brief and yes/no prompts a good answer is the fact
+   ("The Tigu lives in the sea."): after its first words ("The Tigu lives in the"), is
+   the true value the most likely? And, for yes/no, could the model also say the verdict:
+   after the true fact and ", so", is "yes" or "no" the right one of the two? (The world
+   leaves the verdict implied because this last probe stays at chance; docs/world.md.)
 
 Probe 3 is what a policy (and a reward model built on its trunk) needs; 1 and 2 are
 what pretraining gives first. Plain forward passes, no sampling.
@@ -31,9 +32,6 @@ from heed.world.tasks import parse_prompt
 
 CLOZE = {"kind": "The {n} is a", "colour": "The {n} is a", "size": "The {n} is a",
          "home": "The {n} lives in the", "likes": "The {n} likes"}
-# How a good brief or yes/no answer starts, up to the value (responses.fact_sentence).
-ANSWER_PREFIX = {"kind": "The {n} is a", "colour": "The {n} is", "size": "The {n} is",
-                 "home": "The {n} lives in the", "likes": "The {n} likes"}
 
 
 @torch.no_grad()
@@ -69,20 +67,20 @@ def probe(model_dir: str, heldout_prompts: list[str]) -> dict[str, float]:
         out[f"facts_{attribute}"] = right / len(ENTITIES)
     out["facts_mean"] = sum(out[f"facts_{a}"] for a in ATTRIBUTES) / len(ATTRIBUTES)
 
-    # 3. questions: the answer starts with the fact ("The Tigu lives in the sea, so no."):
-    # is the stated value right, and, given the true fact, is the verdict right?
+    # 3. questions: the answer is the fact, its value the last word ("The Tigu lives in the sea.")
+    verdict_hits = []
     for task_type in ("brief", "yes_no"):
         prompts = [p for p in heldout_prompts if parse_prompt(p).type == task_type]
-        fact_hits, verdict_hits = [], []
+        fact_hits = []
         for p in prompts:
             task = parse_prompt(p)
             entity = BY_NAME[task.entity]
-            prefix = format_prompt(p) + " " + ANSWER_PREFIX[task.attribute].format(n=entity.name)
+            fact = fact_sentence(entity, task.attribute)[:-1]
+            prefix = format_prompt(p) + " " + fact.rsplit(" ", 1)[0]
             fact_hits.append(best_value(model, tok, prefix, ATTRIBUTES[task.attribute]) == entity.get(task.attribute))
             if task_type == "yes_no":
-                context = format_prompt(p) + " " + fact_sentence(entity, task.attribute)[:-1] + ", so"
                 truth = 0 if entity.get(task.attribute) == task.value else 1
-                verdict_hits.append(choose(next_token_probs(model, tok, context),
+                verdict_hits.append(choose(next_token_probs(model, tok, format_prompt(p) + " " + fact + ", so"),
                                            [first_token(tok, "yes"), first_token(tok, "no")], truth))
         out[f"{task_type}_fact_accuracy"] = sum(fact_hits) / max(1, len(fact_hits))
         out[f"{task_type}_prompts"] = len(prompts)
