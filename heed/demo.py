@@ -87,6 +87,8 @@ def run(cfg: DemoConfig) -> dict:
     unknown = [a for a in cfg.algos if a not in ALGOS]
     if unknown or not cfg.algos:
         raise HeedError(f"--algos: unknown {unknown} (choose from {', '.join(ALGOS)})")
+    if cfg.samples_per_prompt < 2 or cfg.samples_per_prompt % 2:
+        raise HeedError(f"--samples-per-prompt must be even and at least 2, got {cfg.samples_per_prompt}")
     if cfg.quick:
         cfg = _quick(cfg)
     out = Path(cfg.out)
@@ -114,8 +116,6 @@ def run(cfg: DemoConfig) -> dict:
 
     train_prompts = read_prompts(world / "prompts_train.jsonl")
     labels_path = out / "labels.jsonl"
-    if cfg.samples_per_prompt < 2 or cfg.samples_per_prompt % 2:
-        raise HeedError(f"--samples-per-prompt must be even and at least 2, got {cfg.samples_per_prompt}")
     t = stages.start("sample", f"{cfg.samples_per_prompt} responses per training prompt from the SFT policy")
     samples_path = out / "samples.jsonl"
     if not samples_path.exists():

@@ -34,3 +34,9 @@ def test_quick_demo_writes_the_promised_report(tmp_path):
 def test_demo_rejects_unknown_algorithms(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--algos", "ppo,sac"]) == 2
     assert "unknown ['sac']" in capsys.readouterr().err
+
+
+def test_demo_rejects_an_odd_number_of_samples_before_any_stage(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--samples-per-prompt", "3"]) == 2
+    assert "--samples-per-prompt must be even" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # nothing was built first
