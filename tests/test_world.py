@@ -13,7 +13,7 @@ import pytest
 from heed.template import EOS_TOKEN
 from heed.world import SimulatedLabeler, World, gold_preference, score, score_breakdown, write_world
 from heed.world.kb import ATTRIBUTES, ENTITIES
-from heed.world.lexicon import words
+from heed.world.lexicon import article, words
 from heed.world.oracle import FLOOR, PERFECT
 from heed.world.responses import BEHAVIOURS
 from heed.world.tasks import universe
@@ -97,6 +97,10 @@ def test_good_answers_are_perfect_and_breakdown_sums_to_score(world):
         assert sum(breakdown.values()) == pytest.approx(score(demo["prompt"], demo["response"]))
         assert sum(breakdown.values()) == pytest.approx(1.0), demo
     assert score(DESCRIBE, "") >= FLOOR
+
+
+def test_article_follows_the_sound():
+    assert [article(w) for w in ("ugly", "awful", "useless", "big", "owl")] == ["an", "an", "a", "a", "an"]
 
 
 def test_relevance_rewards_the_asked_entity():
