@@ -13,11 +13,15 @@ set -euo pipefail
 demo=${1:-runs/demo}
 out=${2:-runs/rm_accuracy}
 mkdir -p "$out"
-heed sample --model "$demo/sft" --prompts "$demo/world/prompts_train.jsonl" --n 32 --seed 3 \
-    --out "$out/train_samples.jsonl"
-heed label oracle --samples "$out/train_samples.jsonl" --kind pairs --out "$out/train_pairs.jsonl"
+# each step is skipped when its output exists, so a killed run picks up where it stopped
+# (heed rm train resumes from its own checkpoint)
+[ -s "$out/train_samples.jsonl" ] || heed sample --model "$demo/sft" --prompts "$demo/world/prompts_train.jsonl" \
+    --n 32 --seed 3 --out "$out/train_samples.jsonl"
+[ -s "$out/train_pairs.jsonl" ] || heed label oracle --samples "$out/train_samples.jsonl" --kind pairs \
+    --out "$out/train_pairs.jsonl"
 heed rm train --model "$demo/sft" --data "$out/train_pairs.jsonl" --out "$out/rm" --epochs 3 --lr 3e-4
-heed sample --model "$demo/sft" --prompts "$demo/world/prompts_heldout.jsonl" --n 4 --seed 5 \
-    --out "$out/heldout_samples.jsonl"
-heed label oracle --samples "$out/heldout_samples.jsonl" --kind pairs --seed 1 --out "$out/heldout_pairs.jsonl"
+[ -s "$out/heldout_samples.jsonl" ] || heed sample --model "$demo/sft" --prompts "$demo/world/prompts_heldout.jsonl" \
+    --n 4 --seed 5 --out "$out/heldout_samples.jsonl"
+[ -s "$out/heldout_pairs.jsonl" ] || heed label oracle --samples "$out/heldout_samples.jsonl" --kind pairs --seed 1 \
+    --out "$out/heldout_pairs.jsonl"
 heed rm eval --model "$out/rm" --data "$out/heldout_pairs.jsonl" --out "$out/heldout_eval.json"
