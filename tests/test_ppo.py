@@ -35,6 +35,10 @@ def test_rollout_logprobs_and_values_equal_a_forward_pass(tiny_base, world_dir, 
     trainer.generator = torch.Generator().manual_seed(0)
     prompts = read_prompts(world_dir / "prompts_train.jsonl")[:12]
     exp, texts, finished = trainer.rollout(prompts)
+    assert not exp.values.any()  # the value head starts at zero: V = 0 in every state
+    torch.nn.init.normal_(trainer.actor_critic.value_head.weight, std=0.1)  # so the columns below mean something
+    exp, texts, finished = trainer.rollout(prompts)
+    assert exp.values[exp.mask.bool()].abs().min() > 0
     P = exp.batch.prompt_len
     assert not exp.mask[:, :P].any() and bool(exp.mask[:, P].all())  # responses start right after the prompts
     assert not bool(exp.batch.attention_mask[:, 0].all())  # and the prompts really are left-padded

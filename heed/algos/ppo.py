@@ -35,7 +35,7 @@ The checklist of Huang et al. (2023), "The N Implementation Details of RLHF with
 - a different seed per process (common.make_accelerator)                            done
 Departures: the value head reads the policy's trunk by default (one backbone, as in
 Ziegler et al.'s shared variant); `--separate-critic` gives the critic its own copy of
-the SFT trunk. The value head starts near zero rather than from the reward model.
+the SFT trunk. The value head starts at zero (V = 0 everywhere) rather than from the reward model.
 Sampling with top-k/top-p makes the stored log-probs those of the unfiltered tempered
 policy (as in TRL); the defaults sample from the full distribution.
 """
@@ -99,7 +99,10 @@ class ActorCritic(nn.Module):
         self.critic = critic
         d = policy.config.hidden_size
         self.value_head = nn.Linear(d, 1)
-        nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(d + 1))
+        # Zero, so every state starts at V = 0. A random head (std 1/sqrt(d)) gives each token
+        # a value of about +-1.4 on these trunks, whose hidden states have norm ~sqrt(d) after
+        # the final norm; GAE turns that into per-token advantage noise around the one score.
+        nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, batch: Batch, temperature: float = 1.0):
