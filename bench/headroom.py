@@ -1,0 +1,79 @@
+"""How much room does a policy have to beat the SFT policy on the world's held-out prompts?
+
+The win rate of the issues' targets compares one sample of each policy per prompt, by
+gold score, ties counting half. This measures what simple policies built from the SFT
+model itself would score against it, with the gold oracle in the loop where it says so:
+
+  sharpened  the SFT model at a low temperature (0.05: almost greedy) -- what RL gains
+             by only making the policy surer of what it already prefers
+  mode-of-K  the most frequent of K SFT samples (no oracle)
+  best-of-K  the best of K SFT samples by *gold* score -- an oracle's choice among the
+             SFT policy's own answers, the ceiling of rejection sampling with a perfect
+             reward model; its KL to SFT is at most log K - (K - 1) / K nats
+
+and the SFT policy's perfect rate (gold 1.0) per task type. A policy that beats SFT by
+more than best-of-K has learnt something that K of SFT's samples rarely say.
+
+    python bench/headroom.py runs/demo            # writes runs/demo/headroom.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from heed.data import read_prompts
+from heed.evaluate import win_rate
+from heed.generate import generate
+from heed.models import load_policy
+from heed.world import score
+from heed.world.tasks import parse_prompt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="a finished `heed demo` directory (sft/ and world/)")
+    ap.add_argument("--k", type=int, default=8, help="samples per prompt for best-of-K and mode-of-K")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+
+    prompts = read_prompts(args.run / "world" / "prompts_heldout.jsonl")
+    model, tok = load_policy(args.run / "sft")
+    common = dict(max_new_tokens=args.max_new_tokens, desc="sampling")
+    baseline = generate(model, tok, prompts, seed=args.seed, **common)
+    cold = generate(model, tok, prompts, temperature=0.05, seed=args.seed + 1, **common)
+    many = generate(model, tok, prompts, n=args.k, seed=args.seed + 2, **common)
+
+    base_scores = [score(s.prompt, s.response) for s in baseline]
+    per_prompt = [many[i * args.k:(i + 1) * args.k] for i in range(len(prompts))]
+    policies = {"sharpened (T = 0.05)": [score(s.prompt, s.response) for s in cold]}
+    for k in sorted({2, 4, args.k}):
+        if k <= args.k:
+            policies[f"best-of-{k} by gold"] = [max(score(s.prompt, s.response) for s in group[:k])
+                                                for group in per_prompt]
+    policies[f"mode-of-{args.k}"] = [score(group[0].prompt, Counter(s.response for s in group).most_common(1)[0][0])
+                                     for group in per_prompt]
+    perfect: dict[str, list[bool]] = defaultdict(list)
+    for s, g in zip(baseline, base_scores):
+        perfect[parse_prompt(s.prompt).type].append(g > 1 - 1e-9)
+
+    result = {"n_prompts": len(prompts), "sft_gold_mean": sum(base_scores) / len(base_scores),
+              "sft_perfect_rate": {t: sum(v) / len(v) for t, v in sorted(perfect.items())}, "policies": {}}
+    print(f"{len(prompts)} held-out prompts; SFT (T = 1) gold mean {result['sft_gold_mean']:.3f}")
+    print(f"{'policy':24s} {'gold mean':>9s} {'win rate over SFT':>20s}")
+    for name, scores in policies.items():
+        wr, se = win_rate(scores, base_scores)
+        result["policies"][name] = {"gold_mean": sum(scores) / len(scores), "win_rate_vs_sft": wr, "se": se}
+        print(f"{name:24s} {sum(scores) / len(scores):9.3f} {wr:14.3f} ± {se:.3f}")
+    k = args.k
+    print(f"(best-of-{k} is at most {math.log(k) - (k - 1) / k:.2f} nats from SFT)")
+    print("SFT perfect rate by task: " + ", ".join(f"{t} {v:.2f}" for t, v in result["sft_perfect_rate"].items()))
+    (args.run / "headroom.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
