@@ -26,11 +26,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from heed.data import read_prompts
-from heed.evaluate import win_rate
+from heed.evaluate import gold_scores, win_rate
 from heed.generate import generate
 from heed.models import load_policy
-from heed.world import score
 from heed.world.tasks import parse_prompt
+
+
+def scored(samples) -> list[float]:
+    return gold_scores([s.prompt for s in samples], [s.response for s in samples])
 
 
 def main() -> None:
@@ -48,15 +51,14 @@ def main() -> None:
     cold = generate(model, tok, prompts, temperature=0.05, seed=args.seed + 1, **common)
     many = generate(model, tok, prompts, n=args.k, seed=args.seed + 2, **common)
 
-    base_scores = [score(s.prompt, s.response) for s in baseline]
-    per_prompt = [many[i * args.k:(i + 1) * args.k] for i in range(len(prompts))]
-    policies = {"sharpened (T = 0.05)": [score(s.prompt, s.response) for s in cold]}
+    base_scores, many_scores = scored(baseline), scored(many)
+    groups = [range(i * args.k, (i + 1) * args.k) for i in range(len(prompts))]  # generate() keeps prompt order
+    policies = {"sharpened (T = 0.05)": scored(cold)}
     for k in sorted({2, 4, args.k}):
         if k <= args.k:
-            policies[f"best-of-{k} by gold"] = [max(score(s.prompt, s.response) for s in group[:k])
-                                                for group in per_prompt]
-    policies[f"mode-of-{args.k}"] = [score(group[0].prompt, Counter(s.response for s in group).most_common(1)[0][0])
-                                     for group in per_prompt]
+            policies[f"best-of-{k} by gold"] = [max(many_scores[j] for j in g[:k]) for g in groups]
+    modes = [Counter(many[j].response for j in g).most_common(1)[0][0] for g in groups]
+    policies[f"mode-of-{args.k}"] = gold_scores(prompts, modes)
     perfect: dict[str, list[bool]] = defaultdict(list)
     for s, g in zip(baseline, base_scores):
         perfect[parse_prompt(s.prompt).type].append(g > 1 - 1e-9)
