@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +31,17 @@ def test_quick_demo_writes_the_promised_report(tmp_path):
     again = json.loads((out / "report.json").read_text())
     assert again["win_rates"] == report["win_rates"]
     assert again["stage_seconds"]["pretrain"] < report["stage_seconds"]["pretrain"]
+    # the headroom bench reads a finished demo; its rows share samples, so they are ordered
+    spec = importlib.util.spec_from_file_location("headroom", Path(__file__).parents[1] / "bench" / "headroom.py")
+    headroom = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headroom)
+    headroom.main([str(out), "--k", "4", "--limit", "40"])
+    rows = json.loads((out / "headroom.json").read_text())["policies"]
+    gold = {k: v["gold_mean"] for k, v in rows.items()}
+    assert gold["best-of-2 by gold"] <= gold["best-of-4 by gold"]
+    for k in (2, 4):
+        assert gold[f"best-of-{k} by the RM"] <= gold[f"best-of-{k} by gold"]
+    assert all(0.0 <= v["win_rate_vs_sft"] <= 1.0 for v in rows.values())
 
 
 def test_demo_rejects_unknown_algorithms(tmp_path, capsys):
