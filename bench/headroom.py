@@ -67,17 +67,15 @@ def main(argv: list[str] | None = None) -> None:
     base_scores, many_scores = scored(baseline), scored(many)
     groups = [range(i * args.k, (i + 1) * args.k) for i in range(len(prompts))]  # generate() keeps prompt order
     policies = {"sharpened (T = 0.05)": scored(cold)}
-    for k in sorted({2, 4, args.k}):
-        if k <= args.k:
-            policies[f"best-of-{k} by gold"] = [max(many_scores[j] for j in g[:k]) for g in groups]
+    ks = [k for k in sorted({2, 4, args.k}) if k <= args.k]
+    for k in ks:
+        policies[f"best-of-{k} by gold"] = [max(many_scores[j] for j in g[:k]) for g in groups]
     rm_dir = args.rm or (args.run / "rm" if (args.run / "rm").is_dir() else None)
     if rm_dir is not None:
         reward = load_reward([str(rm_dir)])
         many_rewards = reward([s.prompt for s in many], [s.response for s in many])
-        for k in sorted({2, 4, args.k}):
-            if k <= args.k:
-                policies[f"best-of-{k} by the RM"] = [many_scores[max(g[:k], key=lambda j: many_rewards[j])]
-                                                      for g in groups]
+        for k in ks:
+            policies[f"best-of-{k} by the RM"] = [many_scores[max(g[:k], key=lambda j: many_rewards[j])] for g in groups]
         cool = generate(model, tok, prompts, n=2, temperature=0.3, seed=args.seed + 3, **common)
         cool_scores = scored(cool)
         cool_rewards = reward([s.prompt for s in cool], [s.response for s in cool])
