@@ -77,7 +77,7 @@ def run(cfg: DemoConfig) -> dict:
     from heed.algos.reward import RewardTrainConfig, train as rm_train
     from heed.algos.sft import SFTConfig, run as sft_run
     from heed.data import read_prompts, write_jsonl
-    from heed.evaluate import gold_scores, kl_to, mean_se, summarise, win_rate
+    from heed.evaluate import criteria_lost, gold_scores, kl_to, mean_se, summarise, win_rate
     from heed.generate import generate
     from heed.label_oracle import group_by_prompt, label
     from heed.models import load_policy
@@ -174,6 +174,7 @@ def run(cfg: DemoConfig) -> dict:
                                  desc=f"eval {name}")
         scores[name] = gold_scores(heldout, [s.response for s in samples[name]])
     stage_stats = {name: summarise(samples[name], scores[name]) for name in models}
+    lost = {name: criteria_lost(heldout, [s.response for s in samples[name]]) for name in models}
     win_rates = {}
     win_rates["sft_vs_base"], win_rates["sft_vs_base_se"] = win_rate(scores["sft"], scores["base"])
     for algo in cfg.algos:
@@ -195,6 +196,7 @@ def run(cfg: DemoConfig) -> dict:
                          "heldout_accuracy_vs_gold": rm_result.get("gold_accuracy"),
                          "heldout_accuracy": rm_result.get("accuracy")},
         "eval": {"n_prompts": len(heldout), "temperature": 1.0},
+        "criteria_lost": lost,
         "stage_seconds": stages.walls,
     }
     examples = [{"prompt": p, "models": list(models),

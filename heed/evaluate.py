@@ -6,6 +6,8 @@ the embedded world's gold oracle, and reports:
 - mean gold score of each, with its standard error;
 - the win rate of A over B: per prompt 1 if A's response scores higher, 0.5 on
   a tie, 0 otherwise, averaged (with its standard error);
+- per criterion of the gold oracle, the share of each model's responses losing
+  points on it (`criteria_lost`);
 - KL(A || B) on A's samples: the sum over response tokens of
   log pi_A - log pi_B (the k1 estimator, unbiased), averaged over prompts, with
   both models' logits divided by the sampling temperature.
@@ -40,14 +42,31 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def _judge(oracle, prompts: Sequence, responses: Sequence[str]) -> list:
+    """`oracle(prompt, response)` on each pair; HeedError for prompts the world never asks."""
+    try:
+        return [oracle(p, r) for p, r in zip(prompts, responses)]
+    except ValueError as e:
+        raise HeedError(f"the gold oracle only judges the embedded world's prompts: {e}") from None
+
+
 def gold_scores(prompts: Sequence, responses: Sequence[str]) -> list[float]:
     """The embedded world's gold oracle on each (prompt, response)."""
     from heed.world import score
 
-    try:
-        return [float(score(p, r)) for p, r in zip(prompts, responses)]
-    except ValueError as e:
-        raise HeedError(f"the gold oracle only judges the embedded world's prompts: {e}") from None
+    return [float(s) for s in _judge(score, prompts, responses)]
+
+
+def criteria_lost(prompts: Sequence, responses: Sequence[str]) -> dict[str, float]:
+    """Per criterion of the gold oracle (in `WEIGHTS` order), the share of responses losing
+    points on it: scoring below the criterion's weight by more than 1e-9. NaN with no responses."""
+    from heed.world import score_breakdown
+    from heed.world.oracle import WEIGHTS
+
+    breakdowns = _judge(score_breakdown, prompts, responses)
+    n = len(breakdowns)
+    return {c: sum(b[c] < w - 1e-9 for b in breakdowns) / n if n else float("nan")
+            for c, w in WEIGHTS.items()}
 
 
 @torch.no_grad()
@@ -94,6 +113,9 @@ def compare(policy, baseline, tokenizer, prompts: Sequence, *, max_new_tokens: i
               "policy": summarise(policy_samples, policy_scores),
               "baseline": summarise(baseline_samples, baseline_scores),
               "win_rate": wr, "win_rate_se": wr_se}
+    result["criteria_lost"] = {
+        "policy": criteria_lost(prompts, [s.response for s in policy_samples]),
+        "baseline": criteria_lost(prompts, [s.response for s in baseline_samples])}
     if with_kl:
         kl, kl_se = mean_se(kl_to(baseline, policy_samples, tokenizer.pad_token_id, temperature=temperature))
         result["kl_to_baseline"], result["kl_to_baseline_se"] = kl, kl_se

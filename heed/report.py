@@ -79,6 +79,7 @@ def render_html(report: dict, plots: list[tuple[str, str]], examples: list[dict]
             f"<td><pre>{esc(e[k])}</pre><span class=s>{e[k + '_score']:.2f}</span></td>" for k in e["models"])
         + "</tr>" for e in examples)
     header = "".join(f"<th>{esc(k)}</th>" for k in (examples[0]["models"] if examples else []))
+    criteria_table = _criteria_table(report.get("criteria_lost") or {}, report["eval"]["n_prompts"])
     images = "".join(f"<figure><img src='{uri}' alt='{esc(t)}'><figcaption>{esc(t)}</figcaption></figure>"
                      for t, uri in plots)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>heed demo report</title>
@@ -96,10 +97,29 @@ prompts (ties count half), sampling at temperature {report['eval']['temperature'
 <p>Win rate of SFT over the pretrained base: {_fmt(report['win_rates'].get('sft_vs_base'))}.
 Reward model: {rm.get('n_labels', '?')} simulated labels; held-out accuracy against the gold oracle's
 noiseless preference {_fmt(rm.get('heldout_accuracy_vs_gold'))}.</p>
-<h2>Training curves</h2>{images}
+{criteria_table}<h2>Training curves</h2>{images}
 <h2>Sample responses (same held-out prompts)</h2>
 <table><tr><th>prompt</th>{header}</tr>{example_rows}</table>
 </body></html>"""
+
+
+def _criteria_table(lost: dict, n_prompts) -> str:
+    """report["criteria_lost"] (model -> criterion -> share) as a table; "" when the report has none."""
+    if not lost:
+        return ""
+    esc = html.escape
+    criteria = list(dict.fromkeys(c for shares in lost.values() for c in shares))
+    header = "".join(f"<th>{esc(c)}</th>" for c in criteria)
+    rows = "".join(f"<tr><td>{esc(model)}</td>" + "".join(f"<td>{_pct(shares.get(c))}</td>" for c in criteria)
+                   + "</tr>" for model, shares in lost.items())
+    return (f"<h2>What feedback changed: share of held-out responses losing points, per criterion of the "
+            f"gold oracle</h2>\n<p>A response loses points on a criterion when it earns less than the "
+            f"criterion's full weight; over the same {esc(str(n_prompts))} held-out prompts.</p>\n"
+            f"<table><tr><th>model</th>{header}</tr>{rows}</table>\n")
+
+
+def _pct(x) -> str:
+    return "–" if x is None or x != x else f"{100 * x:.1f}%"
 
 
 def _fmt(x, digits: int = 3) -> str:
