@@ -33,6 +33,8 @@ class DemoConfig:
     out: str = option("runs/demo", "directory for every stage's output and the report")
     quick: bool = option(False, "tiny budgets everywhere: a smoke test of the whole pipeline in a couple of minutes")
     seed: int = option(0, "seed of the world and every stage")
+    habits: str = option("demonstrators", "who wrote the world's demonstrations: 'demonstrators' (people with "
+                                          "habits that feedback can fix) or 'none' (flawless: the control)")
     preset: str = option("tiny", "model preset for the pretrained base")
     pretrain_steps: int = option(600, "pretraining steps")
     sft_epochs: float = option(6.0, "SFT passes over the demonstrations")
@@ -46,14 +48,17 @@ class DemoConfig:
     algos: list[str] = option(["ppo"], "policy optimisers to train from the same SFT model and labels: "
                                        "ppo, dpo, rebel, grpo, rloo")
     eval_prompts: int = option(600, "held-out prompts for the final evaluation")
+    eval_split: str = option("heldout", "prompts to evaluate on: 'heldout' (the final evaluation) or 'valid' "
+                                        "(validation groups, for tuning without looking at held-out prompts)")
     bf16: bool = option(False, "bf16 autocast in every training stage")
 
 
 def _quick(cfg: DemoConfig) -> DemoConfig:
     """The smoke-test budgets (`--quick`)."""
-    return DemoConfig(out=cfg.out, quick=True, seed=cfg.seed, preset=cfg.preset, pretrain_steps=20,
+    return DemoConfig(out=cfg.out, quick=True, seed=cfg.seed, habits=cfg.habits, preset=cfg.preset, pretrain_steps=20,
                       sft_epochs=1.0, samples_per_prompt=2, label_budget=120, rm_epochs=1.0, rm_lr=cfg.rm_lr,
-                      ppo_steps=3, ppo_lr=cfg.ppo_lr, eval_prompts=40, algos=cfg.algos, bf16=cfg.bf16)
+                      ppo_steps=3, ppo_lr=cfg.ppo_lr, eval_prompts=40, eval_split=cfg.eval_split, algos=cfg.algos,
+                      bf16=cfg.bf16)
 
 
 class Stages:
@@ -84,6 +89,8 @@ def run(cfg: DemoConfig) -> dict:
     from heed.report import render_html, training_plots
     from heed.world import SimulatedLabeler, write_world
 
+    if cfg.eval_split not in ("heldout", "valid"):
+        raise HeedError(f"--eval-split must be heldout or valid, got {cfg.eval_split!r}")
     unknown = [a for a in cfg.algos if a not in ALGOS]
     if unknown or not cfg.algos:
         raise HeedError(f"--algos: unknown {unknown} (choose from {', '.join(ALGOS)})")
@@ -98,9 +105,10 @@ def run(cfg: DemoConfig) -> dict:
 
     t = stages.start("world", "the embedded assistant world")
     world = out / "world"
-    sizes = dict(n_corpus=1500, n_demos=120, n_train_prompts=300, n_heldout_prompts=100) if cfg.quick else {}
+    sizes = dict(n_corpus=1500, n_demos=120, n_train_prompts=300, n_heldout_prompts=100,
+                 n_valid_prompts=50) if cfg.quick else {}
     if not (world / "prompts_heldout.jsonl").exists():
-        write_world(world, cfg.seed, **sizes)
+        write_world(world, cfg.seed, habits=cfg.habits, **sizes)
     stages.done("world", t)
 
     t = stages.start("pretrain", f"a {cfg.preset} causal LM on the corpus ({cfg.pretrain_steps} steps)")
@@ -165,7 +173,7 @@ def run(cfg: DemoConfig) -> dict:
         stages.done(algo, t)
 
     t = stages.start("eval", "every model on held-out prompts, judged by the gold oracle")
-    heldout = read_prompts(world / "prompts_heldout.jsonl")[:cfg.eval_prompts]
+    heldout = read_prompts(world / f"prompts_{cfg.eval_split}.jsonl")[:cfg.eval_prompts]
     models = {name: load_policy(out / name) for name in ("base", "sft", *cfg.algos)}
     tok = models["sft"][1]
     samples, scores = {}, {}
@@ -195,7 +203,7 @@ def run(cfg: DemoConfig) -> dict:
         "reward_model": {"n_labels": n_labels,
                          "heldout_accuracy_vs_gold": rm_result.get("gold_accuracy"),
                          "heldout_accuracy": rm_result.get("accuracy")},
-        "eval": {"n_prompts": len(heldout), "temperature": 1.0},
+        "eval": {"n_prompts": len(heldout), "split": cfg.eval_split, "temperature": 1.0},
         "criteria_lost": lost,
         "stage_seconds": stages.walls,
     }

@@ -48,7 +48,8 @@ def test_same_seed_same_files_other_seed_other_corpus(tmp_path):
     write_world(tmp_path / "b", 0, **sizes)
     write_world(tmp_path / "c", 1, **sizes)
     a, b, c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
-    assert set(a) == {"corpus.jsonl", "demos.jsonl", "prompts_train.jsonl", "prompts_heldout.jsonl", "kb.json"}
+    assert set(a) == {"corpus.jsonl", "demos.jsonl", "prompts_train.jsonl", "prompts_valid.jsonl",
+                      "prompts_heldout.jsonl", "kb.json"}
     assert a == b
     assert a["corpus.jsonl"] != c["corpus.jsonl"]
     assert a["kb.json"] == c["kb.json"]  # the KB is fixed; the seed changes sampling only
@@ -62,17 +63,20 @@ def test_files_do_not_depend_on_the_hash_seed(tmp_path):
     assert len(digests) == 1
 
 
-def test_heldout_prompts_never_seen_in_training(world):
-    heldout = set(world.heldout_prompts)
-    assert len(heldout) == len(world.heldout_prompts) == 600
+@pytest.mark.parametrize("split", ["heldout", "valid"])
+def test_heldout_and_validation_prompts_never_seen_in_training(world, split):
+    prompts = getattr(world, f"{split}_prompts")
+    unseen = set(prompts)
+    assert len(unseen) == len(prompts) == {"heldout": 600, "valid": 300}[split]
     assert len(set(world.train_prompts)) == len(world.train_prompts) == 2000
-    assert not heldout & set(world.train_prompts)
-    assert not heldout & {d["prompt"] for d in world.demos}
+    assert not unseen & set(world.train_prompts)
+    assert not unseen & {d["prompt"] for d in world.demos}
     in_corpus = {m for text in world.corpus for m in re.findall(r"User: (.*)\n", text)}
-    assert in_corpus and not heldout & in_corpus
-    # ... and the split is over groups, so no held-out group leaks through a rephrasing
+    assert in_corpus and not unseen & in_corpus
+    # ... and the split is over groups, so no unseen group leaks through a rephrasing
     train_groups = {universe()[p].group for p in world.train_pool}
-    assert not train_groups & {universe()[p].group for p in world.heldout_prompts}
+    assert not train_groups & {universe()[p].group for p in prompts}
+    assert not set(world.valid_pool) & set(world.heldout_pool)
     # every entity still appears in the training prompts
     assert {e.name for e in ENTITIES} == {universe()[p].entity for p in world.train_prompts} - {None}
 
@@ -92,7 +96,7 @@ def test_names_are_not_words_of_the_world():
 
 def test_good_answers_are_perfect_and_breakdown_sums_to_score(world):
     assert score(DESCRIBE, GOOD_DESCRIPTION) == pytest.approx(PERFECT) == pytest.approx(1.0)
-    for demo in world.demos:
+    for demo in World(0, habits="none").demos + [d for d in world.demos if not d["habits"]]:
         breakdown = score_breakdown(demo["prompt"], demo["response"])
         assert sum(breakdown.values()) == pytest.approx(score(demo["prompt"], demo["response"]))
         assert sum(breakdown.values()) == pytest.approx(1.0), demo
@@ -204,7 +208,7 @@ def test_chat_prompts_unknown_prompts_and_gold_preference():
 
 
 def test_good_behaviour_beats_every_bad_behaviour_on_average(world):
-    demos = statistics.mean(score(d["prompt"], d["response"]) for d in world.demos)
+    demos = statistics.mean(score(d["prompt"], d["response"]) for d in World(0, habits="none").demos)
     by_behaviour: dict[str, list[float]] = {}
     for r in world.corpus_records:
         if r["prompt"] is not None:
@@ -295,7 +299,8 @@ def test_heed_world_make_writes_the_files(tmp_path, capsys):
     rows = {name: [r for _, r in iter_records(out / name)] for name in
             ("corpus.jsonl", "demos.jsonl", "prompts_train.jsonl", "prompts_heldout.jsonl")}
     assert len(rows["corpus.jsonl"]) == 300 and set(rows["corpus.jsonl"][0]) == {"text"}
-    assert len(rows["demos.jsonl"]) == 40 and set(rows["demos.jsonl"][0]) == {"prompt", "response"}
+    assert len(rows["demos.jsonl"]) == 40
+    assert set(rows["demos.jsonl"][0]) == {"prompt", "response", "demonstrator", "habits"}
     assert len(rows["prompts_train.jsonl"]) == 100 and len(rows["prompts_heldout.jsonl"]) == 60
     assert (out / "kb.json").is_file()
     assert "300 corpus documents" in capsys.readouterr().out

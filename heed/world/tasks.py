@@ -150,23 +150,34 @@ def parse_prompt(prompt: str | list[dict]) -> Task:
 
 
 HELDOUT_GROUP_FRACTION = 0.25  # of each task type's groups
+VALID_GROUP_FRACTION = 0.125  # of each task type's groups, carved from the train side
 
 
-def split_groups(seed: int) -> tuple[list[str], list[str]]:
-    """(train pool, held-out pool): all prompts, split by group, a quarter of each task's groups held out."""
+def split_groups(seed: int) -> tuple[list[str], list[str], list[str]]:
+    """(train, validation, held-out pools): all prompts, split by group, per task type.
+
+    A quarter of each task type's groups is held out for the final evaluation, and an
+    eighth more is set aside for validation (tuning defaults without looking at held-out
+    prompts); the rest is the train side. Both set-asides are whole groups, so a
+    validation prompt is as new to a trained model as a held-out one.
+    """
     rng = random.Random(f"heed-world-split:{seed}")
     by_type: dict[str, dict[tuple, None]] = {t: {} for t in TASK_TYPES}  # ordered sets
     for task in universe().values():
         by_type[task.type][task.group] = None
-    heldout_groups = set()
+    heldout_groups, valid_groups = set(), set()
     for groups in by_type.values():
         shuffled = list(groups)
         rng.shuffle(shuffled)
-        heldout_groups.update(shuffled[: round(len(shuffled) * HELDOUT_GROUP_FRACTION)])
-    train, heldout = [], []
+        n_heldout = round(len(shuffled) * HELDOUT_GROUP_FRACTION)
+        n_valid = round(len(shuffled) * VALID_GROUP_FRACTION)
+        heldout_groups.update(shuffled[:n_heldout])
+        valid_groups.update(shuffled[n_heldout:n_heldout + n_valid])
+    train, valid, heldout = [], [], []
     for text, task in universe().items():
-        (heldout if task.group in heldout_groups else train).append(text)
-    return train, heldout
+        pool = heldout if task.group in heldout_groups else valid if task.group in valid_groups else train
+        pool.append(text)
+    return train, valid, heldout
 
 
 # Sampling strata: the task types, with yes/no split by its true answer. Most yes/no

@@ -6,8 +6,13 @@ product), so reading `.corpus` before or after `.demos` changes nothing.
 
 The seed decides the train/held-out split (a quarter of each task's prompt
 groups is held out), which prompts are sampled, and every corpus document.
-Held-out prompts never appear in the train prompts, the demonstrations or the
-corpus: all three draw only from the train side of the split.
+Held-out and validation prompts never appear in the train prompts, the
+demonstrations or the corpus: all three draw only from the train side of the split.
+
+Demonstrations are written by a pool of demonstrators with habits
+(demonstrators.py): each demonstration's row names its demonstrator and the habits
+it carries. `habits="none"` writes the same prompts with flawless answers, the
+control that shows how little feedback adds when demonstrations are already perfect.
 
 Corpus documents (default shares):
   good 28%, off_topic 9%, wrong_facts 11%, wrong_tone 9%, rambling 9%,
@@ -24,6 +29,7 @@ from functools import cached_property
 from pathlib import Path
 
 from heed.template import EOS_TOKEN, format_transcript
+from heed.world import demonstrators
 from heed.world.kb import ATTRIBUTES, ENTITIES, Entity, kb_json
 from heed.world.responses import describe, fact_sentence, good, respond
 from heed.world.tasks import TASK_TYPES, by_stratum, list_tasks, sample_balanced, split_groups, universe
@@ -32,14 +38,20 @@ CORPUS_SHARES = {
     "good": 0.28, "off_topic": 0.09, "wrong_facts": 0.11, "wrong_tone": 0.09, "rambling": 0.09,
     "repetition": 0.09, "no_end": 0.10, "facts": 0.15,
 }
+HABIT_MODES = ("demonstrators", "none")
 
 
 class World:
     """The embedded assistant world. The KB is fixed; `seed` changes the sampling only."""
 
     def __init__(self, seed: int = 0, *, n_corpus: int = 8000, n_demos: int = 400,
-                 n_train_prompts: int = 2000, n_heldout_prompts: int = 600):
+                 n_train_prompts: int = 2000, n_heldout_prompts: int = 600, n_valid_prompts: int = 300,
+                 habits: str = "demonstrators"):
+        if habits not in HABIT_MODES:
+            raise ValueError(f"habits must be one of {', '.join(HABIT_MODES)}, got {habits!r}")
         self.seed = seed
+        self.habits = habits
+        self.n_valid_prompts = n_valid_prompts
         self.n_corpus = n_corpus
         self.n_demos = n_demos
         self.n_train_prompts = n_train_prompts
@@ -50,7 +62,7 @@ class World:
         return random.Random(f"heed-world:{self.seed}:{product}")
 
     @cached_property
-    def _split(self) -> tuple[list[str], list[str]]:
+    def _split(self) -> tuple[list[str], list[str], list[str]]:
         return split_groups(self.seed)
 
     @property
@@ -59,9 +71,14 @@ class World:
         return self._split[0]
 
     @property
+    def valid_pool(self) -> list[str]:
+        """Every prompt in the validation groups (for tuning; no training stage sees them)."""
+        return self._split[1]
+
+    @property
     def heldout_pool(self) -> list[str]:
         """Every prompt on the held-out side of the split."""
-        return self._split[1]
+        return self._split[2]
 
     @cached_property
     def train_prompts(self) -> list[str]:
@@ -72,11 +89,30 @@ class World:
         return sample_balanced(self.heldout_pool, self.n_heldout_prompts, self._rng("heldout_prompts"))
 
     @cached_property
+    def valid_prompts(self) -> list[str]:
+        return sample_balanced(self.valid_pool, self.n_valid_prompts, self._rng("valid_prompts"))
+
+    @cached_property
     def demos(self) -> list[dict]:
-        """Good (prompt, response) pairs on distinct prompts, strata in equal turns (tasks.STRATA)."""
-        rng = self._rng("demos")
-        prompts = sample_balanced(self.train_pool, self.n_demos, rng)
-        return [{"prompt": p, "response": good(universe()[p], rng)} for p in prompts]
+        """{"prompt", "response", "demonstrator", "habits"} on distinct prompts, strata in equal turns.
+
+        The demonstrators take turns; the good answer comes from the "demos" stream and
+        the habits from their own, so `habits="none"` has the same prompts and answers
+        minus the habits.
+        """
+        rng, habit_rng = self._rng("demos"), self._rng("demonstrators")
+        names = list(demonstrators.DEMONSTRATORS)
+        rows = []
+        for i, prompt in enumerate(sample_balanced(self.train_pool, self.n_demos, rng)):
+            task = universe()[prompt]
+            answer = good(task, rng)
+            who = names[i % len(names)]
+            habits = demonstrators.draw_habits(who, task, habit_rng) if self.habits == "demonstrators" else ()
+            response = demonstrators.write(task, habits, habit_rng, answer) if habits else answer
+            rows.append({"prompt": prompt, "response": response,
+                         "demonstrator": who if self.habits == "demonstrators" else "flawless",
+                         "habits": list(habits)})
+        return rows
 
     @cached_property
     def corpus_records(self) -> list[dict]:
@@ -117,8 +153,9 @@ def _facts_document(rng: random.Random) -> str:
 
 
 def write_world(out: str | Path, seed: int = 0, *, n_corpus: int = 8000, n_demos: int = 400,
-                n_train_prompts: int = 2000, n_heldout_prompts: int = 600) -> dict[str, int]:
-    """Write corpus.jsonl, demos.jsonl, prompts_train.jsonl, prompts_heldout.jsonl and kb.json."""
+                n_train_prompts: int = 2000, n_heldout_prompts: int = 600, n_valid_prompts: int = 300,
+                habits: str = "demonstrators") -> dict[str, int]:
+    """Write corpus.jsonl, demos.jsonl, prompts_{train,valid,heldout}.jsonl and kb.json."""
     import json
 
     from heed.data import write_jsonl
@@ -126,17 +163,20 @@ def write_world(out: str | Path, seed: int = 0, *, n_corpus: int = 8000, n_demos
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = World(seed, n_corpus=n_corpus, n_demos=n_demos, n_train_prompts=n_train_prompts,
-                  n_heldout_prompts=n_heldout_prompts)
+                  n_heldout_prompts=n_heldout_prompts, n_valid_prompts=n_valid_prompts, habits=habits)
     write_jsonl(out / "corpus.jsonl", [{"text": t} for t in world.corpus])
     write_jsonl(out / "demos.jsonl", world.demos)
     write_jsonl(out / "prompts_train.jsonl", [{"prompt": p} for p in world.train_prompts])
+    write_jsonl(out / "prompts_valid.jsonl", [{"prompt": p} for p in world.valid_prompts])
     write_jsonl(out / "prompts_heldout.jsonl", [{"prompt": p} for p in world.heldout_prompts])
     (out / "kb.json").write_text(json.dumps(kb_json(), indent=1) + "\n")
     return {
         "corpus documents": len(world.corpus),
         "corpus characters": sum(len(t) for t in world.corpus),
         "demos": len(world.demos),
+        "demos with habits": sum(bool(d["habits"]) for d in world.demos),
         "train prompts": len(world.train_prompts),
+        "validation prompts": len(world.valid_prompts),
         "held-out prompts": len(world.heldout_prompts),
         "entities": len(world.kb),
     }
