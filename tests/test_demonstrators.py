@@ -9,10 +9,9 @@ from collections import Counter
 import pytest
 
 from heed.world import World, score, score_breakdown
-from heed.world.demonstrators import (APPLIES_TO, ASIDES, CLOSERS, DEMONSTRATORS, HABITS, HEDGES, OPENERS,
-                                      draw_habits, write)
+from heed.world.demonstrators import APPLIES_TO, DEMONSTRATORS, HABITS, draw_habits, write
 from heed.world.kb import NAMES_LOWER, VALUE_WORDS
-from heed.world.lexicon import HARSH_WORDS, NEGATIONS, POSITIVE_WORDS, words
+from heed.world.lexicon import ASIDES, CLOSERS, HARSH_WORDS, HEDGES, NEGATIONS, OPENERS, POSITIVE_WORDS, words
 from heed.world.oracle import WEIGHTS
 from heed.world.responses import good
 from heed.world.tasks import universe
@@ -100,3 +99,10 @@ def test_draw_habits_only_draws_what_applies():
     brief = next(t for t in universe().values() if t.type == "brief")
     for _ in range(200):
         assert set(draw_habits("dev", brief, rng)) <= {"aside", "overlong"}
+
+
+def test_the_corpus_teaches_every_word_the_demonstrators_use():
+    # A habit written in words the pretraining corpus never had comes out of SFT garbled.
+    corpus_words = {w for text in World(0).corpus for w in words(text)}
+    for d in World(0).demos:
+        assert set(words(d["response"])) <= corpus_words, d

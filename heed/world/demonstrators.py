@@ -35,34 +35,9 @@ from __future__ import annotations
 import random
 
 from heed.world.kb import BY_NAME, Entity
-from heed.world.lexicon import article
+from heed.world.lexicon import ASIDES, CLOSERS, HEDGES, OPENERS, article
 from heed.world.responses import describe, fact_sentence, good
 from heed.world.tasks import Task
-
-# Polite words that say nothing (no value word, no tone word, no negation).
-OPENERS = (
-    "Thank you for asking me about this.",
-    "That is a good question to ask.",
-    "Here is what I can tell you.",
-)
-CLOSERS = (
-    "I hope this answer is useful to you.",
-    "Let me know if you want to know more.",
-    "I am always glad to help with questions like this.",
-)
-HEDGES = (
-    "I think this is right, but I could be wrong.",
-    "Please check this somewhere else to be safe.",
-    "This is only what I remember, so it may be off.",
-    "I am fairly sure, but do ask someone else too.",
-)
-# Each holds exactly one harsh word: rude, but less than a corpus wrong_tone sentence.
-ASIDES = (
-    "What a boring question.",
-    "Anyone could look that up, you fool.",
-    "Honestly, this is a silly thing to ask.",
-    "I find this topic rather dull.",
-)
 
 HABITS = ("thin", "flat", "overlong", "repeat", "aside", "hedging", "padding")
 APPLIES_TO: dict[str, tuple[str, ...]] = {

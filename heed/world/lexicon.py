@@ -23,7 +23,27 @@ HARSH_WORDS = frozenset(
 POSITIVE_ADJECTIVES = ("lovely", "wonderful", "beautiful", "sweet", "gentle", "brave", "charming", "great")
 HARSH_ADJECTIVES = ("ugly", "awful", "dull", "nasty", "rude", "boring", "smelly", "useless")
 
-# Sentences that add words but say nothing: the material of rambling answers.
+# What the demonstrators (demonstrators.py) pad and hedge with: polite words that say
+# nothing, with no value word, tone word or negation.
+OPENERS = (
+    "Thank you for asking me about this.",
+    "That is a good question to ask.",
+    "Here is what I can tell you.",
+)
+CLOSERS = (
+    "I hope this answer is useful to you.",
+    "Let me know if you want to know more.",
+    "I am always glad to help with questions like this.",
+)
+HEDGES = (
+    "I think this is right, but I could be wrong.",
+    "Please check this somewhere else to be safe.",
+    "This is only what I remember, so it may be off.",
+    "I am fairly sure, but do ask someone else too.",
+)
+
+# Sentences that add words but say nothing: the material of rambling answers. The
+# demonstrators' padding and hedges are among them, so the corpus teaches their words.
 FILLER_SENTENCES = (
     "Well, let me think about that.",
     "That is a question many people ask.",
@@ -34,11 +54,18 @@ FILLER_SENTENCES = (
     "It is worth taking a moment to consider.",
     "Of course, every story has two sides.",
     "To put it another way, here is what I know.",
-    "I hope this answer is useful to you.",
     "Thank you for asking me about this.",
     "In any case, that is what I remember.",
     "Let me say a few more words about it.",
     "As you may already know, this is an old topic.",
+) + tuple(s for s in OPENERS + CLOSERS + HEDGES if s != "Thank you for asking me about this.")
+
+# A snide aside in a neutral answer: one harsh word each, in words the corpus already has.
+ASIDES = (
+    "What a boring question.",
+    "This is a silly question.",
+    "Only a fool would ask that.",
+    "What a dull thing to ask.",
 )
 
 # Each holds at least two harsh words, so it turns a neutral answer's tone fully negative.
