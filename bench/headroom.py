@@ -22,7 +22,8 @@ model itself would score against it, with the gold oracle in the loop where it s
 and the SFT policy's perfect rate (gold 1.0) per task type. A policy that beats SFT by
 more than best-of-K has learnt something that K of SFT's samples rarely say.
 
-    python bench/headroom.py runs/demo            # writes runs/demo/headroom.json
+    python bench/headroom.py runs/demo                  # writes runs/demo/headroom.json
+    python bench/headroom.py runs/demo --split valid    # validation prompts: headroom_valid.json
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=8, help="samples per prompt for best-of-K and mode-of-K")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--limit", type=int, default=0, help="judge only the first N held-out prompts (0 = all)")
+    ap.add_argument("--limit", type=int, default=0, help="judge only the first N prompts (0 = all)")
+    ap.add_argument("--split", choices=("heldout", "valid"), default="heldout",
+                    help="the world's held-out prompts, or its validation prompts (for tuning)")
     ap.add_argument("--rm", type=Path, default=None,
                     help="reward model for the best-of-K-by-reward-model rows (default: RUN/rm if it exists)")
     args = ap.parse_args(argv)
 
-    prompts = read_prompts(args.run / "world" / "prompts_heldout.jsonl")
+    prompts = read_prompts(args.run / "world" / f"prompts_{args.split}.jsonl")
     prompts = prompts[:args.limit] if args.limit > 0 else prompts
     model, tok = load_policy(args.run / "sft")
     common = dict(max_new_tokens=args.max_new_tokens, desc="sampling")
@@ -88,10 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     for s, g in zip(baseline, base_scores):
         perfect[parse_prompt(s.prompt).type].append(g > 1 - 1e-9)
 
-    result = {"n_prompts": len(prompts), "reward_model": str(rm_dir) if rm_dir else None,
+    result = {"split": args.split, "n_prompts": len(prompts), "reward_model": str(rm_dir) if rm_dir else None,
               "sft_gold_mean": sum(base_scores) / len(base_scores),
               "sft_perfect_rate": {t: sum(v) / len(v) for t, v in sorted(perfect.items())}, "policies": {}}
-    print(f"{len(prompts)} held-out prompts; SFT (T = 1) gold mean {result['sft_gold_mean']:.3f}")
+    print(f"{len(prompts)} {args.split} prompts; SFT (T = 1) gold mean {result['sft_gold_mean']:.3f}")
     print(f"{'policy':30s} {'gold mean':>9s} {'win rate over SFT':>20s}")
     for name, scores in policies.items():
         wr, se = win_rate(scores, base_scores)
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     k = args.k
     print(f"(best-of-{k} is at most {math.log(k) - (k - 1) / k:.2f} nats from SFT)")
     print("SFT perfect rate by task: " + ", ".join(f"{t} {v:.2f}" for t, v in result["sft_perfect_rate"].items()))
-    (args.run / "headroom.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.run / ("headroom.json" if args.split == "heldout" else "headroom_valid.json")).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -34,11 +34,12 @@ class DemoConfig:
     quick: bool = option(False, "tiny budgets everywhere: a smoke test of the whole pipeline in a couple of minutes")
     seed: int = option(0, "seed of the world and every stage")
     habits: str = option("demonstrators", "who wrote the world's demonstrations: 'demonstrators' (people with "
-                                          "habits that feedback can fix) or 'none' (flawless: the control)")
+                                          "habits that feedback can fix) or 'none' (flawless: the control)",
+                         choices=("demonstrators", "none"))
     preset: str = option("tiny", "model preset for the pretrained base")
     pretrain_steps: int = option(600, "pretraining steps")
     sft_epochs: float = option(6.0, "SFT passes over the demonstrations")
-    samples_per_prompt: int = option(8, "SFT responses sampled per training prompt; the labeler compares them "
+    samples_per_prompt: int = option(4, "SFT responses sampled per training prompt; the labeler compares them "
                                         "in pairs (1-2, 3-4, ...), skipping identical ones")
     label_budget: int = option(4000, "pairs labelled by the simulated labeler for the reward model")
     rm_epochs: float = option(3.0, "reward-model passes over the labels")
@@ -49,7 +50,8 @@ class DemoConfig:
                                        "ppo, dpo, rebel, grpo, rloo")
     eval_prompts: int = option(600, "held-out prompts for the final evaluation")
     eval_split: str = option("heldout", "prompts to evaluate on: 'heldout' (the final evaluation) or 'valid' "
-                                        "(validation groups, for tuning without looking at held-out prompts)")
+                                        "(validation groups, for tuning without looking at held-out prompts)",
+                             choices=("heldout", "valid"))
     bf16: bool = option(False, "bf16 autocast in every training stage")
 
 

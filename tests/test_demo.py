@@ -24,6 +24,13 @@ def test_quick_demo_writes_the_promised_report(tmp_path):
         assert 0.0 <= report["win_rates"][key] <= 1.0
     assert report["reward_model"]["n_labels"] > 0
     assert 0.0 <= report["reward_model"]["heldout_accuracy_vs_gold"] <= 1.0
+    assert report["eval"]["split"] == "heldout"
+    criteria = ("relevance", "correctness", "tone", "length", "repetition", "termination")
+    for stage in ("base", "sft", "ppo"):  # what feedback changed, per oracle criterion
+        assert tuple(report["criteria_lost"][stage]) == criteria
+        assert all(0.0 <= v <= 1.0 for v in report["criteria_lost"][stage].values())
+    demos = [json.loads(line) for line in (out / "world" / "demos.jsonl").read_text().splitlines()]
+    assert any(d["habits"] for d in demos) and any(not d["habits"] for d in demos)
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3 and "<th>ppo</th>" in page
     # every stage left its output, so a rerun skips the work and reproduces the same numbers

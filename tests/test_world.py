@@ -304,5 +304,13 @@ def test_heed_world_make_writes_the_files(tmp_path, capsys):
     assert len(rows["prompts_train.jsonl"]) == 100 and len(rows["prompts_heldout.jsonl"]) == 60
     assert (out / "kb.json").is_file()
     assert "300 corpus documents" in capsys.readouterr().out
+    # the flawless control: the same prompts, no habits
+    assert main(["world", "make", "--out", str(tmp_path / "flawless"), "--seed", "2", "--n-corpus", "300",
+                 "--n-demos", "40", "--n-train-prompts", "100", "--n-heldout-prompts", "60", "--habits", "none"]) == 0
+    flawless = [r for _, r in iter_records(tmp_path / "flawless" / "demos.jsonl")]
+    assert [r["prompt"] for r in flawless] == [r["prompt"] for r in rows["demos.jsonl"]]
+    assert all(r["habits"] == [] for r in flawless) and any(r["habits"] for r in rows["demos.jsonl"])
+    with pytest.raises(SystemExit):
+        main(["world", "make", "--out", str(out), "--habits", "sometimes"])
     # more held-out prompts than the world has: a clear error, no traceback
     assert main(["world", "make", "--out", str(out), "--n-heldout-prompts", "100000"]) == 2

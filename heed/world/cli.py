@@ -16,7 +16,7 @@ class MakeConfig:
     n_demos: int = option(400, "demonstrations for SFT, written by demonstrators with habits (docs/world.md)")
     habits: str = option("demonstrators", "who writes the demonstrations: 'demonstrators' (a pool of people with "
                                           "habits, about two thirds of demonstrations flawed) or 'none' "
-                                          "(flawless answers, the control)")
+                                          "(flawless answers, the control)", choices=("demonstrators", "none"))
     n_train_prompts: int = option(2000, "prompts for RL and labeling")
     n_heldout_prompts: int = option(600, "held-out prompts for evaluation, never seen in training")
     n_valid_prompts: int = option(300, "validation prompts for tuning, from groups no training stage sees")

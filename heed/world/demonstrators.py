@@ -50,14 +50,17 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "padding": ("describe", "list", "note_positive", "note_negative", "yes_no", "brief"),
 }
 
-# Five people, each with their own habits at their own rates, and each writing a fifth of
-# the demonstrations. "ada" is careful; the others have one or two strong habits each.
+# Five people, each writing a fifth of the demonstrations, each with habits at their own
+# rates. Three habits are shared by most of them (overlong answers to short questions,
+# thin descriptions, flat notes): the most likely demonstration of those tasks carries the
+# habit, so the SFT policy keeps it even when sampled greedily, and only feedback removes
+# it. The others are one person's quirk. "ada" is careful.
 DEMONSTRATORS: dict[str, dict[str, float]] = {
-    "ada": {"padding": 0.2, "repeat": 0.1},
-    "ben": {"padding": 0.7, "overlong": 0.5},
-    "cleo": {"hedging": 0.6, "thin": 0.7, "repeat": 0.1},
-    "dev": {"aside": 0.6, "flat": 0.8, "overlong": 0.4},
-    "eli": {"repeat": 0.4, "thin": 0.5, "flat": 0.5, "overlong": 0.5, "padding": 0.3},
+    "ada": {"padding": 0.2, "overlong": 0.3, "repeat": 0.05},
+    "ben": {"padding": 0.6, "overlong": 0.9, "thin": 0.6, "flat": 0.7},
+    "cleo": {"hedging": 0.5, "overlong": 0.5, "thin": 0.9, "flat": 0.5},
+    "dev": {"aside": 0.4, "overlong": 0.6, "thin": 0.6, "flat": 0.9},
+    "eli": {"repeat": 0.3, "overlong": 0.8, "thin": 0.9, "flat": 0.8, "padding": 0.2},
 }
 
 
