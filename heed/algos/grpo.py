@@ -64,7 +64,7 @@ class GRPOConfig(RolloutConfig):
     epochs: int = option(1, "passes over each rollout")
     mini_batch_size: int = option(32, "sequences per optimiser step")
     micro_batch_size: int = option(32, "sequences per forward pass (gradient accumulation below this)")
-    lr: float = option(1e-4, "peak learning rate (AdamW), annealed to zero")
+    lr: float = option(5e-5, "peak learning rate (AdamW), annealed to zero")
     warmup_steps: int = option(0, "linear warm-up optimiser steps")
     cliprange: float = option(0.2, "ratio clip epsilon")
     normalize_reward: bool = option(False, "fit gain/bias on the first rollout so scores have mean 0, std 1")
@@ -78,6 +78,7 @@ class RLOOConfig(GRPOConfig):
                           choices=("loss", "reward"))
     kl_coef: float = option(0.05, "beta: weight of the KL term or penalty")
     mini_batch_size: int = option(64, "sequences per optimiser step")
+    lr: float = option(1e-4, "peak learning rate (AdamW), annealed to zero")
     normalize_reward: bool = option(True, "fit gain/bias on the first rollout so scores have mean 0, std 1")
 
 
