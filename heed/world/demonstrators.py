@@ -54,7 +54,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
 # rates. Three habits are shared by most of them (overlong answers to short questions,
 # thin descriptions, flat notes): the most likely demonstration of those tasks carries the
 # habit, so the SFT policy keeps it even when sampled greedily, and only feedback removes
-# it. The others are one person's quirk. "ada" is careful.
+# it. The others are quirks of one or a few people. "ada" is careful.
 DEMONSTRATORS: dict[str, dict[str, float]] = {
     "ada": {"padding": 0.2, "overlong": 0.3, "repeat": 0.05},
     "ben": {"padding": 0.6, "overlong": 0.9, "thin": 0.6, "flat": 0.7},
