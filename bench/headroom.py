@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     k = args.k
     print(f"(best-of-{k} is at most {math.log(k) - (k - 1) / k:.2f} nats from SFT)")
     print("SFT perfect rate by task: " + ", ".join(f"{t} {v:.2f}" for t, v in result["sft_perfect_rate"].items()))
-    (args.run / ("headroom.json" if args.split == "heldout" else "headroom_valid.json")).write_text(json.dumps(result, indent=1) + "\n")
+    name = "headroom.json" if args.split == "heldout" else "headroom_valid.json"
+    (args.run / name).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

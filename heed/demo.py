@@ -57,7 +57,8 @@ class DemoConfig:
 
 def _quick(cfg: DemoConfig) -> DemoConfig:
     """The smoke-test budgets (`--quick`)."""
-    return DemoConfig(out=cfg.out, quick=True, seed=cfg.seed, habits=cfg.habits, preset=cfg.preset, pretrain_steps=20,
+    return DemoConfig(out=cfg.out, quick=True, seed=cfg.seed, habits=cfg.habits, preset=cfg.preset,
+                      pretrain_steps=20,
                       sft_epochs=1.0, samples_per_prompt=2, label_budget=120, rm_epochs=1.0, rm_lr=cfg.rm_lr,
                       ppo_steps=3, ppo_lr=cfg.ppo_lr, eval_prompts=40, eval_split=cfg.eval_split, algos=cfg.algos,
                       bf16=cfg.bf16)

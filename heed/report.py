@@ -79,7 +79,8 @@ def render_html(report: dict, plots: list[tuple[str, str]], examples: list[dict]
             f"<td><pre>{esc(e[k])}</pre><span class=s>{e[k + '_score']:.2f}</span></td>" for k in e["models"])
         + "</tr>" for e in examples)
     header = "".join(f"<th>{esc(k)}</th>" for k in (examples[0]["models"] if examples else []))
-    criteria_table = _criteria_table(report.get("criteria_lost") or {}, report["eval"]["n_prompts"])
+    split = "validation" if report["eval"].get("split") == "valid" else "held-out"
+    criteria_table = _criteria_table(report.get("criteria_lost") or {}, report["eval"]["n_prompts"], split)
     images = "".join(f"<figure><img src='{uri}' alt='{esc(t)}'><figcaption>{esc(t)}</figcaption></figure>"
                      for t, uri in plots)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>heed demo report</title>
@@ -89,7 +90,7 @@ pre{{white-space:pre-wrap;margin:0;font-family:inherit}}.s{{color:#666;font-size
 img{{max-width:520px}}</style></head><body>
 <h1>heed demo report</h1>
 <p>The whole RLHF pipeline on the embedded world in {report['elapsed_s']:.0f} s. Gold scores come from the
-world's oracle, which no trainer sees; win rates are judged by it on {report['eval']['n_prompts']} held-out
+world's oracle, which no trainer sees; win rates are judged by it on {report['eval']['n_prompts']} {split}
 prompts (ties count half), sampling at temperature {report['eval']['temperature']}.</p>
 <h2>Policies</h2>
 <table><tr><th>model</th><th>gold score</th><th>win rate vs SFT</th><th>KL to reference</th><th>length</th><th>wall s</th><th>peak MiB</th></tr>
@@ -98,12 +99,12 @@ prompts (ties count half), sampling at temperature {report['eval']['temperature'
 Reward model: {rm.get('n_labels', '?')} simulated labels; held-out accuracy against the gold oracle's
 noiseless preference {_fmt(rm.get('heldout_accuracy_vs_gold'))}.</p>
 {criteria_table}<h2>Training curves</h2>{images}
-<h2>Sample responses (same held-out prompts)</h2>
+<h2>Sample responses (same {split} prompts)</h2>
 <table><tr><th>prompt</th>{header}</tr>{example_rows}</table>
 </body></html>"""
 
 
-def _criteria_table(lost: dict, n_prompts) -> str:
+def _criteria_table(lost: dict, n_prompts, split: str = "held-out") -> str:
     """report["criteria_lost"] (model -> criterion -> share) as a table; "" when the report has none."""
     if not lost:
         return ""
@@ -112,9 +113,9 @@ def _criteria_table(lost: dict, n_prompts) -> str:
     header = "".join(f"<th>{esc(c)}</th>" for c in criteria)
     rows = "".join(f"<tr><td>{esc(model)}</td>" + "".join(f"<td>{_pct(shares.get(c))}</td>" for c in criteria)
                    + "</tr>" for model, shares in lost.items())
-    return (f"<h2>What feedback changed: share of held-out responses losing points, per criterion of the "
+    return (f"<h2>What feedback changed: share of {split} responses losing points, per criterion of the "
             f"gold oracle</h2>\n<p>A response loses points on a criterion when it earns less than the "
-            f"criterion's full weight; over the same {esc(str(n_prompts))} held-out prompts.</p>\n"
+            f"criterion's full weight; over the same {esc(str(n_prompts))} {split} prompts.</p>\n"
             f"<table><tr><th>model</th>{header}</tr>{rows}</table>\n")
 
 
