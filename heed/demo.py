@@ -44,7 +44,7 @@ class DemoConfig:
     label_budget: int = option(4000, "pairs labelled by the simulated labeler for the reward model")
     rm_epochs: float = option(3.0, "reward-model passes over the labels")
     rm_lr: float = option(3e-4, "reward-model learning rate")
-    ppo_steps: int = option(40, "PPO iterations (64 prompts each)")
+    ppo_steps: int = option(60, "PPO iterations (64 prompts each)")
     ppo_lr: float = option(3e-5, "PPO learning rate")
     algos: list[str] = option(["ppo"], "policy optimisers to train from the same SFT model and labels: "
                                        "ppo, dpo, rebel, grpo, rloo")
