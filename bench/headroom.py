@@ -1,4 +1,4 @@
-"""How much room does a policy have to beat the SFT policy on the world's held-out prompts?
+"""How much room does a policy have to beat the SFT policy on the world's held-out (or validation) prompts?
 
 The win rate of the issues' targets compares one sample of each policy per prompt, by
 gold score, ties counting half. This measures what simple policies built from the SFT
