@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[control,mujoco,app,lora,test]"
+	$(BIN)/pip install -q -e ".[control,mujoco,app,test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/heed demo --out runs/demo
 
 test: $(STAMP)
+	$(BIN)/ruff check heed tests bench
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: $(STAMP)

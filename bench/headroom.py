@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         reward = load_reward([str(rm_dir)])
         many_rewards = reward([s.prompt for s in many], [s.response for s in many])
         for k in ks:
-            policies[f"best-of-{k} by the RM"] = [many_scores[max(g[:k], key=lambda j: many_rewards[j])] for g in groups]
+            policies[f"best-of-{k} by the RM"] = [many_scores[max(g[:k], key=lambda j: many_rewards[j])]
+                                                  for g in groups]
         cool = generate(model, tok, prompts, n=2, temperature=0.3, seed=args.seed + 3, **common)
         cool_scores = scored(cool)
         cool_rewards = reward([s.prompt for s in cool], [s.response for s in cool])

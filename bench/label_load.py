@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 
 from heed.feedback.store import Store  # noqa: E402
 
-
 # ---------------------------------------------------------------------------
 # Set-up: a database with annotators and items, and a server process
 # ---------------------------------------------------------------------------

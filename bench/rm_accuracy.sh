@@ -19,9 +19,9 @@ mkdir -p "$out"
     --n 32 --seed 3 --out "$out/train_samples.jsonl"
 [ -s "$out/train_pairs.jsonl" ] || heed label oracle --samples "$out/train_samples.jsonl" --kind pairs \
     --out "$out/train_pairs.jsonl"
-heed rm train --model "$demo/sft" --data "$out/train_pairs.jsonl" --out "$out/rm" --epochs 3 --lr 3e-4
+heed rm train --model "$demo/sft" --data "$out/train_pairs.jsonl" --out "$out/rm" --epochs 3 --lr 3e-4 --oracle heed.rules:gold
 [ -s "$out/heldout_samples.jsonl" ] || heed sample --model "$demo/sft" --prompts "$demo/world/prompts_heldout.jsonl" \
     --n 4 --seed 5 --out "$out/heldout_samples.jsonl"
 [ -s "$out/heldout_pairs.jsonl" ] || heed label oracle --samples "$out/heldout_samples.jsonl" --kind pairs --seed 1 \
     --out "$out/heldout_pairs.jsonl"
-heed rm eval --model "$out/rm" --data "$out/heldout_pairs.jsonl" --out "$out/heldout_eval.json"
+heed rm eval --model "$out/rm" --data "$out/heldout_pairs.jsonl" --oracle heed.rules:gold --out "$out/heldout_eval.json"

@@ -21,8 +21,9 @@ import json
 import time
 from pathlib import Path
 
-from heed.algos.reward import RewardEvalConfig, RewardTrainConfig, evaluate, train
+from heed.algos.reward import RewardTrainConfig, train
 from heed.label_oracle import OracleLabelConfig, run as label
+from heed.reward_metrics import RewardEvalConfig, evaluate
 
 KINDS = ("pairs", "rankings", "thumbs", "ratings")
 RESPONSES_PER_LABEL = {"pairs": 2, "rankings": 4, "thumbs": 1, "ratings": 1}
@@ -64,7 +65,7 @@ def main() -> None:
                                             "eval_fraction": 0.0, "norm_samples": 0, "seed": args.seed, **extra})
             train(cfg)
             seconds = time.time() - t0
-            ev = evaluate(RewardEvalConfig(model=str(rm_dir), data=[args.eval]))["overall"]
+            ev = evaluate(RewardEvalConfig(model=str(rm_dir), data=[args.eval], oracle="heed.rules:gold"))["overall"]
             results[key] = {"kind": kind, "labels": n, "responses": n * RESPONSES_PER_LABEL[kind],
                             "gold_accuracy": ev["gold_accuracy"], "label_accuracy": ev["accuracy"],
                             "calibration_error": ev["calibration_error"], "train_seconds": round(seconds, 1)}

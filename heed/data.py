@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from heed.utils import HeedError
-
 
 # ---------------------------------------------------------------------------
 # Records: JSONL, gzipped JSONL, Parquet, saved Hugging Face dataset directories
@@ -142,6 +142,21 @@ def get_messages(row: dict, name: str) -> list[dict]:
     return value
 
 
+def get_prompt(row: dict, name: str = "prompt"):
+    """A prompt: a non-empty string, or a chat list of {role, content} messages."""
+    return get_messages(row, name) if isinstance(row.get(name), list) else get_str(row, name)
+
+
+def get_number(row: dict, name: str) -> float:
+    """A finite number (not a bool)."""
+    value = row[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FieldError(name, f"expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise FieldError(name, f"expected a finite number, got {value}")
+    return float(value)
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Write all rows at once through a temporary file, so readers never see half a file."""
     path = Path(path)
@@ -177,8 +192,7 @@ def parse_demo(row: dict) -> dict:
         if messages[-1]["role"] != "assistant":
             raise FieldError("messages", "the last message must be the assistant's response")
         return {"prompt": messages[:-1], "response": messages[-1]["content"]}
-    prompt = get_messages(row, "prompt") if isinstance(row.get("prompt"), list) else get_str(row, "prompt")
-    return {"prompt": prompt, "response": get_str(row, "response")}
+    return {"prompt": get_prompt(row), "response": get_str(row, "response")}
 
 
 def read_demos(path: str | Path, *, skip_invalid: bool = False) -> list[dict]:
@@ -188,7 +202,7 @@ def read_demos(path: str | Path, *, skip_invalid: bool = False) -> list[dict]:
 def read_prompts(path: str | Path, *, skip_invalid: bool = False) -> list:
     """Prompts: rows with a "prompt" string (or message list); other fields are ignored."""
     def parse(row: dict):
-        return get_messages(row, "prompt") if isinstance(row.get("prompt"), list) else get_str(row, "prompt")
+        return get_prompt(row)
     return read_rows(path, parse, skip_invalid=skip_invalid, what="prompts")
 
 
@@ -262,6 +276,15 @@ class Feedback:
         return FEEDBACK_KIND[self.format]
 
 
+def responses_of(row: Pair | Ranking | Thumb | Rating) -> list[str]:
+    """The responses a row's loss needs rewards for, in a fixed order."""
+    if isinstance(row, Pair):
+        return [row.chosen, row.rejected]
+    if isinstance(row, Ranking):
+        return row.responses
+    return [row.response]
+
+
 def detect_feedback_format(row: dict) -> str:
     """The feedback format a row's columns say it is in."""
     if "responses" in row and "ranking" in row:
@@ -279,21 +302,6 @@ def detect_feedback_format(row: dict) -> str:
                            "prompt/response/label or prompt/response/score (or pass --format)")
 
 
-def _prompt(row: dict):
-    return get_messages(row, "prompt") if isinstance(row.get("prompt"), list) else get_str(row, "prompt")
-
-
-def _number(row: dict, name: str) -> float:
-    import math
-
-    value = row[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FieldError(name, f"expected a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise FieldError(name, f"expected a finite number, got {value}")
-    return float(value)
-
-
 def _flag(row: dict, name: str) -> bool:
     value = row.get(name, False)
     if value is None:
@@ -305,10 +313,10 @@ def _flag(row: dict, name: str) -> bool:
 
 def parse_pair(row: dict) -> Pair | None:
     """An explicit-prompt pair; None for a valid pair marked both_bad (no preference to learn)."""
-    prompt = _prompt(row)
+    prompt = get_prompt(row)
     chosen, rejected = get_str(row, "chosen", allow_empty=True), get_str(row, "rejected", allow_empty=True)
     tie = _flag(row, "tie")
-    margin = _number(row, "margin") if row.get("margin") is not None else 0.0
+    margin = get_number(row, "margin") if row.get("margin") is not None else 0.0
     if tie and margin:
         raise FieldError("margin", "a tie cannot have a margin")
     if _flag(row, "both_bad"):
@@ -341,7 +349,7 @@ def parse_hh(row: dict) -> Pair:
     if rejected_prompt != prompt:
         raise FieldError("rejected", "does not share the dialogue with 'chosen' up to the last assistant turn")
     tie = _flag(row, "tie")
-    margin = _number(row, "margin") if row.get("margin") is not None else 0.0
+    margin = get_number(row, "margin") if row.get("margin") is not None else 0.0
     return Pair(prompt, chosen, rejected, margin, tie)
 
 
@@ -359,14 +367,14 @@ def parse_chat_pair(row: dict) -> Pair | None:
     if not full["chosen"][:-1]:
         raise FieldError("prompt", "no messages before the response")
     tie = _flag(row, "tie")
-    margin = _number(row, "margin") if row.get("margin") is not None else 0.0
+    margin = get_number(row, "margin") if row.get("margin") is not None else 0.0
     if _flag(row, "both_bad"):
         return None
     return Pair(full["chosen"][:-1], full["chosen"][-1]["content"], full["rejected"][-1]["content"], margin, tie)
 
 
 def parse_ranking(row: dict) -> Ranking:
-    prompt = _prompt(row)
+    prompt = get_prompt(row)
     responses = row["responses"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise FieldError("responses", "expected a list of at least 2 responses")
@@ -381,11 +389,11 @@ def parse_ranking(row: dict) -> Ranking:
     return Ranking(prompt, list(responses), list(ranking))
 
 
-_THUMBS = {"up": True, "down": False, True: True, False: False, 1: True, 0: False}
+_THUMBS = {"up": True, "down": False, True: True, False: False}  # 1 and 0 are True and False as keys
 
 
 def parse_thumb(row: dict) -> Thumb:
-    prompt, response = _prompt(row), get_str(row, "response", allow_empty=True)
+    prompt, response = get_prompt(row), get_str(row, "response", allow_empty=True)
     label = row["label"]
     key = label.lower() if isinstance(label, str) else label
     if isinstance(key, float) and key in (0.0, 1.0):
@@ -396,7 +404,7 @@ def parse_thumb(row: dict) -> Thumb:
 
 
 def parse_rating(row: dict) -> Rating:
-    return Rating(_prompt(row), get_str(row, "response", allow_empty=True), _number(row, "score"))
+    return Rating(get_prompt(row), get_str(row, "response", allow_empty=True), get_number(row, "score"))
 
 
 FEEDBACK_PARSERS: dict[str, Callable[[dict], Any]] = {
@@ -439,3 +447,10 @@ def _missing_field_is_field_error(parse: Callable[[dict], Any]) -> Callable[[dic
         except KeyError as e:
             raise FieldError(str(e.args[0]), "missing") from None
     return wrapped
+
+
+def read_feedback_files(paths: Sequence[str], fmt: str = "auto", skip_invalid: bool = False) -> list[Feedback]:
+    """Every file of `--data`, each read with `read_feedback`."""
+    if not paths:
+        raise HeedError("no feedback files given (--data)")
+    return [read_feedback(p, format=fmt, skip_invalid=skip_invalid) for p in paths]

@@ -151,6 +151,7 @@ def run(cfg: DemoConfig) -> dict:
     t = stages.start("rm", "reward model on the labels")
     rm_result = rm_train(RewardTrainConfig(model=str(out / "sft"), data=[str(labels_path)], out=str(out / "rm"),
                                            epochs=cfg.rm_epochs, lr=cfg.rm_lr, norm_samples=64 if cfg.quick else 256,
+                                           oracle="heed.rules:gold",
                                            **common))
     stages.done("rm", t)
 
@@ -163,9 +164,9 @@ def run(cfg: DemoConfig) -> dict:
             if algo == "ppo":
                 ppo_cfg = PPOConfig(policy=str(out / "sft"), prompts=str(world / "prompts_train.jsonl"),
                                     reward=[str(out / "rm")], out=str(out / "ppo"), steps=cfg.ppo_steps,
-                                    lr=cfg.ppo_lr, **common)
+                                    lr=cfg.ppo_lr, monitor=["heed.rules:gold"], **common)
                 if cfg.quick:
-                    ppo_cfg.batch_size, ppo_cfg.mini_batch_size, ppo_cfg.micro_batch_size = 16, 8, 8
+                    ppo_cfg.prompts_per_iteration, ppo_cfg.mini_batch_size, ppo_cfg.micro_batch_size = 16, 8, 8
                 ppo_run(ppo_cfg)
             else:
                 from heed.algos.compare import train_algo

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from heed.config import option
-from heed.data import get_messages, get_str, read_rows, write_jsonl
+from heed.data import get_prompt, get_str, read_rows, write_jsonl
 from heed.template import prompt_key
 from heed.utils import HeedError
 
@@ -42,7 +42,7 @@ class OracleLabelConfig:
 
 
 def _parse_sample(row: dict) -> tuple:
-    prompt = get_messages(row, "prompt") if isinstance(row.get("prompt"), list) else get_str(row, "prompt")
+    prompt = get_prompt(row)
     return prompt, get_str(row, "response", allow_empty=True)
 
 
@@ -79,7 +79,8 @@ def label(groups: list[tuple], kind: str, labeler, *, k: int = 4, budget: int = 
             elif kind == "rankings":
                 row = {"prompt": prompt, "responses": unit, "ranking": labeler.rank(prompt, unit)}
             elif kind == "thumbs":
-                row = {"prompt": prompt, "response": unit[0], "label": "up" if labeler.thumbs(prompt, unit[0]) else "down"}
+                row = {"prompt": prompt, "response": unit[0],
+                       "label": "up" if labeler.thumbs(prompt, unit[0]) else "down"}
             else:
                 row = {"prompt": prompt, "response": unit[0], "score": labeler.rate(prompt, unit[0])}
             rows.append(row)
@@ -99,7 +100,8 @@ def run(cfg: OracleLabelConfig) -> list[dict]:
     try:
         rows, skipped = label(groups, cfg.kind, labeler, k=cfg.k, budget=cfg.budget)
     except ValueError as e:  # the oracle only knows the world's prompts
-        raise HeedError(f"{cfg.samples}: the simulated labeler only labels the embedded world's prompts: {e}") from None
+        raise HeedError(f"{cfg.samples}: the simulated labeler only labels the embedded world's prompts: "
+                        f"{e}") from None
     if not rows:
         raise HeedError(f"{cfg.samples}: nothing to label as {cfg.kind} (too few responses per prompt?)")
     write_jsonl(cfg.out, rows)

@@ -120,15 +120,13 @@ def save_model(model, tokenizer, out_dir: str | Path, **extra_json) -> None:
         (out_dir / "heed.json").write_text(json.dumps(extra_json, indent=2))
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device a model's (first) parameters live on: where its input batches go."""
+    return next(model.parameters()).device
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def load_reward_model(path: str | Path):
-    """A saved reward model (or ensemble) directory; see heed.reward_model."""
-    from heed.reward_model import RewardModel
-
-    return RewardModel.load(path)
 
 
 # ---------------------------------------------------------------------------
@@ -145,6 +143,10 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device),
                      self.response_mask.to(device), self.prompt_len)
+
+    def select(self, rows: torch.Tensor) -> "Batch":
+        """The batch of the given rows (a 1-D index tensor)."""
+        return Batch(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows], self.prompt_len)
 
 
 def encode_prompts(tokenizer, prompts: Sequence, max_len: int) -> list[list[int]]:
@@ -225,3 +227,37 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     T = attention_mask.shape[1]
     idx = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
     return (idx * attention_mask.long()).argmax(-1)
+
+
+class TokenLogprobs(torch.nn.Module):
+    """A policy whose forward gives token log-probs (B, T): the module the optimiser and
+    accelerate wrap, so DDP sees (and syncs) the gradients of that one forward call."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+        return token_logprobs(self.policy, batch, temperature=temperature)
+
+
+def sequence_logprobs(token_logps: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Sum over each row's response tokens of log pi(y_t | x, y_<t): (B, T) -> (B,)."""
+    return (token_logps * batch.response_mask).sum(-1)
+
+
+@torch.no_grad()
+def batched_sequence_logprobs(model, tokenizer, prompts: Sequence, responses: Sequence[str], *,
+                              max_prompt_len: int, max_response_len: int, batch_size: int = 64,
+                              device=None) -> torch.Tensor:
+    """Sequence log-probs (N,) of many (prompt, response) rows, in batches, without gradients."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    out = [torch.zeros(0)]
+    for i in range(0, len(prompts), batch_size):
+        batch = make_batch(tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size],
+                           max_prompt_len=max_prompt_len, max_response_len=max_response_len).to(device)
+        out.append(sequence_logprobs(token_logprobs(model, batch), batch).cpu())
+    model.train(was_training)
+    return torch.cat(out)

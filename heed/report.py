@@ -31,8 +31,9 @@ def training_plots(metrics: Sequence[dict], algo: str = "ppo") -> list[tuple[str
     plots = []
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.plot(steps, [m.get("reward/score", float("nan")) for m in metrics], label="proxy reward (normalised)")
-    if any("gold/score" in m for m in metrics):
-        ax.plot(steps, [m.get("gold/score", float("nan")) for m in metrics], label="gold score (not seen in training)")
+    if any("monitor/score" in m for m in metrics):
+        ax.plot(steps, [m.get("monitor/score", float("nan")) for m in metrics],
+                label="gold score (not seen in training)")
     ax.set_xlabel(f"{algo} iteration")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -52,11 +53,11 @@ def training_plots(metrics: Sequence[dict], algo: str = "ppo") -> list[tuple[str
     ax.set_title(f"{algo}: KL to the reference")
     plots.append((f"{algo}: KL", _png(fig)))
 
-    if any("gold/score" in m for m in metrics):
+    if any("monitor/score" in m for m in metrics):
         fig, ax = plt.subplots(figsize=(6, 3.4))
         kl = [m.get("objective/kl", float("nan")) for m in metrics]
         ax.scatter(kl, [m.get("reward/score") for m in metrics], s=12, label="proxy reward")
-        ax.scatter(kl, [m.get("gold/score") for m in metrics], s=12, label="gold score")
+        ax.scatter(kl, [m.get("monitor/score") for m in metrics], s=12, label="gold score")
         ax.set_xlabel("KL to reference (nats)")
         ax.legend()
         ax.grid(alpha=0.3)
@@ -68,7 +69,8 @@ def training_plots(metrics: Sequence[dict], algo: str = "ppo") -> list[tuple[str
 def render_html(report: dict, plots: list[tuple[str, str]], examples: list[dict]) -> str:
     esc = html.escape
     stage_rows = "".join(
-        f"<tr><td>{esc(name)}</td><td>{s.get('gold_mean', float('nan')):.3f} ± {s.get('gold_se', float('nan')):.3f}</td>"
+        f"<tr><td>{esc(name)}</td>"
+        f"<td>{s.get('gold_mean', float('nan')):.3f} ± {s.get('gold_se', float('nan')):.3f}</td>"
         f"<td>{_fmt(report['win_rates'].get(f'{name}_vs_sft'))}</td><td>{_fmt(s.get('kl_to_ref'))}</td>"
         f"<td>{_fmt(s.get('length_mean'), 1)}</td><td>{_fmt(s.get('wall_s'), 0)}</td>"
         f"<td>{_fmt(s.get('peak_rss_mib'), 0)}</td></tr>"
@@ -85,15 +87,18 @@ def render_html(report: dict, plots: list[tuple[str, str]], examples: list[dict]
                      for t, uri in plots)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>heed demo report</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}}
-pre{{white-space:pre-wrap;margin:0;font-family:inherit}}.s{{color:#666;font-size:85%}}figure{{display:inline-block;margin:0.5em}}
+table{{border-collapse:collapse;margin:1em 0}}\
+td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}}
+pre{{white-space:pre-wrap;margin:0;font-family:inherit}}.s{{color:#666;font-size:85%}}\
+figure{{display:inline-block;margin:0.5em}}
 img{{max-width:520px}}</style></head><body>
 <h1>heed demo report</h1>
 <p>The whole RLHF pipeline on the embedded world in {report['elapsed_s']:.0f} s. Gold scores come from the
 world's oracle, which no trainer sees; win rates are judged by it on {report['eval']['n_prompts']} {split}
 prompts (ties count half), sampling at temperature {report['eval']['temperature']}.</p>
 <h2>Policies</h2>
-<table><tr><th>model</th><th>gold score</th><th>win rate vs SFT</th><th>KL to reference</th><th>length</th><th>wall s</th><th>peak MiB</th></tr>
+<table><tr><th>model</th><th>gold score</th><th>win rate vs SFT</th><th>KL to reference</th>\
+<th>length</th><th>wall s</th><th>peak MiB</th></tr>
 {stage_rows}</table>
 <p>Win rate of SFT over the pretrained base: {_fmt(report['win_rates'].get('sft_vs_base'))}.
 Reward model: {rm.get('n_labels', '?')} simulated labels; held-out accuracy against the gold oracle's

@@ -211,3 +211,8 @@ class RewardModel(nn.Module):
                                                            "max_prompt_len", "max_response_len")}
         return cls(members, load_tokenizer(path), gain=gain, bias=bias, max_prompt_len=meta["max_prompt_len"],
                    max_response_len=meta["max_response_len"], info=info)
+
+
+def load_reward_model(path: str | Path) -> RewardModel:
+    """A saved reward model (or ensemble) directory, from `heed rm train`."""
+    return RewardModel.load(path)

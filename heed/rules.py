@@ -16,8 +16,8 @@ normalised ensemble mean (heed.reward_model).
     total = reward(prompts, responses)                    # list[float]
     total, parts, stds = reward.score(prompts, responses) # per term: values; per reward model: std
 
-PPO scores reward models on token batches and rules on text: it uses
-`reward.models` ((weight, RewardModel) pairs) and `reward.rule_rewards(...)`.
+Every trainer calls `reward(prompts, responses)` on decoded text; `heed rm score`
+(`score` below) adds a reward column to a file of rows.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from heed.config import option
+from heed.data import get_prompt, get_str, read_rows, write_jsonl
+from heed.evaluate import gold_scores
+from heed.reward_model import RewardModel
 from heed.utils import HeedError
 
 Rule = Callable[[Sequence, Sequence[str]], Sequence[float]]
@@ -123,8 +127,6 @@ def load_reward(specs: Sequence[str]) -> RewardFunction:
         match = _WEIGHTED.match(spec)
         weight, target = (float(match.group(1)), match.group(2)) if match else (1.0, spec.strip())
         if Path(target).is_dir():
-            from heed.reward_model import RewardModel
-
             reward.models.append((target, weight, RewardModel.load(target)))
         else:
             reward.rules.append((target, weight, load_rule(target)))
@@ -140,6 +142,51 @@ def load_reward(specs: Sequence[str]) -> RewardFunction:
 
 def gold(prompts: Sequence, responses: Sequence[str]) -> list[float]:
     """The embedded world's gold oracle as a rule (`heed.rules:gold`): an upper bound to compare with."""
-    from heed.evaluate import gold_scores
-
     return gold_scores(prompts, responses)
+
+
+# ---------------------------------------------------------------------------
+# heed rm score
+# ---------------------------------------------------------------------------
+
+@dataclass
+class RewardScoreConfig:
+    data: str = option(help="JSONL/Parquet rows with 'prompt' and 'response' (other fields are kept)")
+    out: str = option(help="output JSONL: the rows with a reward column added")
+    model: str | None = option(None, "reward model directory (shorthand for --reward DIR)")
+    reward: list[str] = option([], "reward terms [WEIGHT*]TARGET: a reward-model dir, module:function or "
+                                   "file.py:function, comma-separated; summed with their weights")
+    column: str = option("reward", "name of the added column")
+    batch_size: int = option(64, "rows scored together")
+    skip_invalid: bool = option(False, "skip and count malformed rows instead of stopping")
+
+
+def score(cfg: RewardScoreConfig) -> list[dict]:
+    specs = ([cfg.model] if cfg.model else []) + list(cfg.reward)
+    reward = load_reward(specs)
+
+    def parse(row: dict) -> dict:
+        get_prompt(row)
+        get_str(row, "response", allow_empty=True)
+        return row
+
+    rows = read_rows(cfg.data, parse, skip_invalid=cfg.skip_invalid, what="prompt/response rows")
+    multi_member = any(rm.n_members > 1 for _, _, rm in reward.models)
+    out_rows = []
+    for start in range(0, len(rows), cfg.batch_size):
+        chunk = rows[start:start + cfg.batch_size]
+        prompts, responses = [r["prompt"] for r in chunk], [r["response"] for r in chunk]
+        total, parts, stds = reward.score(prompts, responses, batch_size=cfg.batch_size)
+        # One ensemble alone: its spread is the reward's uncertainty, worth a column.
+        ensemble_std = next(iter(stds.values())) if len(parts) == 1 and stds and multi_member else None
+        for i, row in enumerate(chunk):
+            row = dict(row)
+            row[cfg.column] = total[i]
+            if ensemble_std is not None:
+                row[f"{cfg.column}_std"] = ensemble_std[i]
+            if len(parts) > 1:
+                row[f"{cfg.column}_terms"] = {name: values[i] for name, values in parts.items()}
+            out_rows.append(row)
+    write_jsonl(cfg.out, out_rows)
+    print(f"scored {len(out_rows)} rows to {cfg.out}")
+    return out_rows

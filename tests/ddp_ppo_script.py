@@ -12,7 +12,7 @@ from heed.algos.ppo import PPOConfig, PPOTrainer
 from heed.data import read_prompts
 
 policy, prompts_path, out = sys.argv[1:4]
-cfg = PPOConfig(policy=policy, prompts=prompts_path, reward=["-"], out=out, steps=2, batch_size=8,
+cfg = PPOConfig(policy=policy, prompts=prompts_path, reward=["-"], out=out, steps=2, prompts_per_iteration=8,
                 mini_batch_size=4, micro_batch_size=2, ppo_epochs=1, max_new_tokens=12, lr=1e-3)
 trainer = PPOTrainer(cfg, reward_fn=lambda ps, rs: [-len(r) / 20 for r in rs], prompts=read_prompts(prompts_path))
 trainer.train()

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from heed.algos.dpo import DPOConfig, batched_sequence_logprobs, read_pairs, run
+from heed.algos.dpo import DPOConfig, read_pairs, run
 from heed.data import write_jsonl
-from heed.models import load_policy
+from heed.models import batched_sequence_logprobs, load_policy
 from heed.utils import HeedError
 
 
@@ -46,8 +46,8 @@ def test_short_dpo_run_prefers_the_rule_and_caches_reference_logps(tiny_base, wo
     rows = short_long_pairs(world_dir)
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "dpo"
-    cfg = DPOConfig(policy=str(tiny_base), data=[str(tmp_path / "pairs.jsonl")], out=str(out), beta=0.1, epochs=4, lr=1e-3, batch_size=16,
-                    micro_batch_size=8, max_response_len=48, eval_every=2, warmup_steps=2)
+    cfg = DPOConfig(policy=str(tiny_base), data=[str(tmp_path / "pairs.jsonl")], out=str(out), beta=0.1, epochs=4,
+                    lr=1e-3, batch_size=16, micro_batch_size=8, max_response_len=48, log_every=2, warmup_steps=2)
     metrics = run(cfg)
     # the reference pass was cached, and it holds the starting policy's sequence log-probs
     ref = torch.load(out / "reference_logps.pt")
@@ -57,7 +57,7 @@ def test_short_dpo_run_prefers_the_rule_and_caches_reference_logps(tiny_base, wo
     torch.testing.assert_close(ref["chosen"], expected)
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["rewards/accuracy"] > 0.7 and logged[-1]["rewards/margin"] > logged[0]["rewards/margin"]
-    assert metrics["loss"] < logged[0]["loss"]
+    assert metrics["train/loss"] < logged[0]["train/loss"]
     # the preference generalises: on pairs of prompts it never trained on, the policy's
     # log-prob margin of the rule's choice grew over the starting policy's for most pairs
     held = short_long_pairs(world_dir, n=112)[64:]

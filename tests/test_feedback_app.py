@@ -19,7 +19,8 @@ def env(tmp_path):
     Image.new("RGB", (4, 4), "red").save(tmp_path / "clip.png")
     store = Store(tmp_path / "labels.db")
     store.add_items([
-        {"id": "evil", "prompt": "Say <b>hi</b>", "overlap": 2, "responses": [EVIL, "Fine.\n\n```\nif a < b:\n    x\n```"]},
+        {"id": "evil", "prompt": "Say <b>hi</b>", "overlap": 2,
+         "responses": [EVIL, "Fine.\n\n```\nif a < b:\n    x\n```"]},
         {"id": "rank", "prompt": "Rank", "kind": "ranking", "responses": ["x", "y", "z"]},
         {"id": "thumb", "prompt": "Thumb", "kind": "thumbs", "responses": ["t"]},
         {"id": "rate", "prompt": "Rate", "kind": "rating", "responses": ["r"]},
@@ -155,7 +156,8 @@ def test_labelling_every_kind_through_the_forms(env):
     assert seen == ["evil", "rank", "thumb", "rate", "clip"] and "Nothing left for you" in page
     by_item = {a["item_id"]: a for a in store.answers()}
     rank = by_item["rank"]
-    assert rank["ranking"] == [rank["displayed_order"][p] for p in (2, 0, 1)] and rank["comment"] == "A <b>close</b> one"
+    assert (rank["ranking"] == [rank["displayed_order"][p] for p in (2, 0, 1)]
+            and rank["comment"] == "A <b>close</b> one")
     assert by_item["thumb"]["label"] == "up" and by_item["rate"]["score"] == 6 and by_item["clip"]["choice"] == "skip"
     # undo brings the last item back
     r = c.post("/undo", data={"csrf": csrf_of(page)})
@@ -218,7 +220,8 @@ def test_cli_user_add_add_and_export(tmp_path, capsys):
     assert Store(db).authenticate(token).is_admin
     assert cli.main(["label", "user", "add", "--db", db, "--name", "ann"]) == 2
     queue = tmp_path / "queue.jsonl"
-    queue.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"]}) + "\n" + '{"prompt": "q", "responses": "ab"}\n')
+    queue.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"]}) + "\n"
+                     + '{"prompt": "q", "responses": "ab"}\n')
     assert cli.main(["label", "add", "--db", db, "--queue", str(queue)]) == 2
     assert "queue.jsonl:2: field 'responses'" in capsys.readouterr().err
     assert cli.main(["label", "add", "--db", db, "--queue", str(queue), "--skip-invalid"]) == 0

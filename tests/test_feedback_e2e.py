@@ -219,7 +219,7 @@ def test_rm_train_trains_on_the_export(labelled, request, tmp_path):
                      "--norm-samples", "4", "--norm-max-new-tokens", "8"])
     assert code == 0
     # the trained model reads back and scores the labelled responses
-    from heed.models import load_reward_model
+    from heed.reward_model import load_reward_model
 
     rm = load_reward_model(out)
     mean, std = rm.score([PAIRS[0][0]] * 2, list(PAIRS[0][1:]))

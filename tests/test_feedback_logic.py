@@ -10,7 +10,6 @@ from heed.feedback.agreement import agreement_report, cohen_kappa, krippendorff_
 from heed.feedback.app import segments
 from heed.feedback.export import export_rows
 
-
 # -- agreement ---------------------------------------------------------------
 
 def test_krippendorff_alpha_matches_the_published_example():
@@ -142,7 +141,8 @@ def test_export_pairs_keeps_ties_and_both_bad_and_drops_skips():
 def test_export_majority():
     answers = [_answer("p1", "a", choice="1"), _answer("p1", "b", choice="1"), _answer("p1", "c", choice="0"),
                _answer("p2", "a", choice="0"), _answer("p2", "b", choice="1"),
-               _answer("k1", "a", kind="ranking", ranking=[2, 0, 1]), _answer("k1", "b", kind="ranking", ranking=[0, 2, 1]),
+               _answer("k1", "a", kind="ranking", ranking=[2, 0, 1]),
+               _answer("k1", "b", kind="ranking", ranking=[0, 2, 1]),
                _answer("k1", "c", kind="ranking", ranking=[2, 1, 0]),
                _answer("t1", "a", kind="thumbs", label="up"), _answer("t1", "b", kind="thumbs", label="down"),
                _answer("s1", "a", kind="rating", score=2), _answer("s1", "b", kind="rating", score=6),

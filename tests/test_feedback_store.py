@@ -44,7 +44,8 @@ def test_add_items_validates_with_the_item_and_field(store, tmp_path):
 
 
 def test_add_items_is_idempotent_and_ids_are_stable(store):
-    ids = store.add_items([{"prompt": "p", "responses": ["a", "b"]}, {"id": "mine", "prompt": "q", "responses": ["c", "d"]}])
+    ids = store.add_items([{"prompt": "p", "responses": ["a", "b"]},
+                           {"id": "mine", "prompt": "q", "responses": ["c", "d"]}])
     assert ids[1] == "mine" and ids[0].startswith("h")
     assert store.add_items([{"prompt": "p", "responses": ["a", "b"]}]) == ids[:1]
     assert len(store.all_items()) == 2
@@ -243,7 +244,8 @@ def test_the_schema_and_queries_compile_for_postgresql():
     from heed.feedback import store as st
 
     ddl = []
-    engine = create_mock_engine("postgresql+psycopg://", lambda sql, *a, **k: ddl.append(str(sql.compile(dialect=engine.dialect))))
+    engine = create_mock_engine("postgresql+psycopg://",
+                                lambda sql, *a, **k: ddl.append(str(sql.compile(dialect=engine.dialect))))
     st.metadata.create_all(engine, checkfirst=False)
     assert any("CREATE INDEX ix_items_open" in d and "WHERE done < overlap" in d for d in ddl)
     for stmt in (st._NEXT, st._CLAIM, st._USER, st._COUNT_DONE, st._ANSWERED):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from heed.algos.grpo import GRPOConfig, GroupTrainer, RLOOConfig
+from heed.algos.grpo import GroupTrainer, GRPOConfig, RLOOConfig
 from heed.data import read_prompts
 from heed.models import load_policy, token_logprobs
 
@@ -21,7 +21,7 @@ def brevity(prompts, responses):
 def make_trainer(cls, policy_dir, world_dir, out, **overrides):
     cfg = dict(policy=str(policy_dir), prompts=str(world_dir / "prompts_train.jsonl"), reward=["-"], out=str(out),
                steps=6, prompts_per_iteration=6, n=4, mini_batch_size=24, micro_batch_size=24, max_new_tokens=20,
-               lr=1e-3, save_every=1000, eval_every=1000, missing_eos_penalty=0.0, normalize_reward=False)
+               lr=1e-3, save_every=1000, samples_every=1000, missing_eos_penalty=0.0, normalize_reward=False)
     cfg.update(overrides)
     return GroupTrainer(cls(**cfg), reward_fn=brevity, prompts=read_prompts(world_dir / "prompts_train.jsonl"))
 
@@ -29,18 +29,21 @@ def make_trainer(cls, policy_dir, world_dir, out, **overrides):
 def test_rollout_groups_and_logprobs(tiny_base, world_dir, tmp_path):
     trainer = make_trainer(GRPOConfig, tiny_base, world_dir, tmp_path, temperature=0.8, n=3)
     prompts = read_prompts(world_dir / "prompts_train.jsonl")[:5]
-    batch, mask, old, repeated, texts, finished = trainer.rollout(prompts, torch.Generator().manual_seed(0))
-    assert repeated == [p for p in prompts for _ in range(3)] and len(texts) == 15
+    exp = trainer.rollout(prompts, torch.Generator().manual_seed(0))
+    assert exp.prompts == [p for p in prompts for _ in range(3)] and len(exp.texts) == 15
     with torch.no_grad():
-        logprobs = token_logprobs(trainer.policy, batch, temperature=0.8)
-    m = mask.bool()
-    torch.testing.assert_close(logprobs[m], old[m], atol=1e-4, rtol=1e-4)
+        logprobs = token_logprobs(trainer.policy, exp.batch, temperature=0.8)
+    m = exp.mask.bool()
+    torch.testing.assert_close(logprobs[m], exp.logprobs[m], atol=1e-4, rtol=1e-4)
+    # the reference starts as a copy: its log-probs equal the policy's
+    torch.testing.assert_close(exp.ref_logprobs[m], exp.logprobs[m], atol=1e-4, rtol=1e-4)
     # one update step moves the weights; the KL is measured against the unchanged reference
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
-    scores = torch.tensor(brevity(repeated, texts))
-    metrics = trainer.optimise(batch, mask, old, scores, torch.Generator().manual_seed(0))
+    exp.scores = torch.tensor(brevity(exp.prompts, exp.texts))
+    metrics = trainer.optimise(exp, torch.Generator().manual_seed(0))
     assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
-    assert abs(metrics["objective/kl"]) < 1e-4 and "kl_k3" in metrics and metrics["loss/policy"] == metrics["loss/policy"]
+    assert abs(metrics["objective/kl"]) < 1e-4 and "kl_k3" in metrics
+    assert metrics["loss/policy"] == metrics["loss/policy"] and metrics["train/grad_norm"] > 0
 
 
 @pytest.mark.slow
@@ -55,4 +58,4 @@ def test_short_run_raises_a_rule_reward(tiny_base, world_dir, tmp_path, cls):
     assert last > first + 0.2, (first, last)
     assert max(r["objective/kl"] for r in rows) < 25
     load_policy(tmp_path / "run")  # the saved policy loads back as a plain causal LM
-    assert (tmp_path / "run" / f"{trainer.name}_state.json").exists()
+    assert (tmp_path / "run" / "trainer_done.json").exists()

@@ -36,7 +36,8 @@ def test_dpo_sigmoid_loss_by_hand():
     expected = [-math.log(sigmoid(beta * h)) for h in MARGINS]
     torch.testing.assert_close(loss, t(expected))
     # the loss is the Bradley-Terry loss on the implicit rewards (Rafailov et al. 2023, eq. 5 -> 7)
-    diff = dpo_implicit_reward(t(CHOSEN), t(REF_CHOSEN), beta) - dpo_implicit_reward(t(REJECTED), t(REF_REJECTED), beta)
+    diff = (dpo_implicit_reward(t(CHOSEN), t(REF_CHOSEN), beta)
+            - dpo_implicit_reward(t(REJECTED), t(REF_REJECTED), beta))
     torch.testing.assert_close(loss, -torch.nn.functional.logsigmoid(diff))
 
 

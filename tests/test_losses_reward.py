@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from heed.losses import bradley_terry_loss, centering_loss, rating_loss, ranking_loss, thumbs_loss
+from heed.losses import bradley_terry_loss, centering_loss, ranking_loss, rating_loss, thumbs_loss
 
 
 def sig(x: float) -> float:

@@ -24,20 +24,19 @@ def brevity(prompts, responses):
 
 def make_trainer(policy_dir, world_dir, out, **overrides):
     cfg = dict(policy=str(policy_dir), prompts=str(world_dir / "prompts_train.jsonl"), reward=["-"],
-               out=str(out), steps=8, batch_size=32, mini_batch_size=16, micro_batch_size=8, ppo_epochs=2,
-               max_new_tokens=24, lr=2e-3, kl_coef=0.02, save_every=1000, eval_every=1000)
+               out=str(out), steps=8, prompts_per_iteration=32, mini_batch_size=16, micro_batch_size=8, ppo_epochs=2,
+               max_new_tokens=24, lr=2e-3, kl_coef=0.02, save_every=1000, samples_every=1000)
     cfg.update(overrides)
     return PPOTrainer(PPOConfig(**cfg), reward_fn=brevity, prompts=read_prompts(world_dir / "prompts_train.jsonl"))
 
 
 def test_rollout_logprobs_and_values_equal_a_forward_pass(tiny_base, world_dir, tmp_path):
     trainer = make_trainer(tiny_base, world_dir, tmp_path, temperature=0.7)
-    trainer.generator = torch.Generator().manual_seed(0)
     prompts = read_prompts(world_dir / "prompts_train.jsonl")[:12]
-    exp, texts, finished = trainer.rollout(prompts)
+    exp = trainer.rollout(prompts, torch.Generator().manual_seed(0))
     assert not exp.values.any()  # the value head starts at zero: V = 0 in every state
     torch.nn.init.normal_(trainer.actor_critic.value_head.weight, std=0.1)  # so the columns below mean something
-    exp, texts, finished = trainer.rollout(prompts)
+    exp = trainer.rollout(prompts, torch.Generator().manual_seed(0))
     assert exp.values[exp.mask.bool()].abs().min() > 0
     P = exp.batch.prompt_len
     assert not exp.mask[:, :P].any() and bool(exp.mask[:, P].all())  # responses start right after the prompts
@@ -49,7 +48,7 @@ def test_rollout_logprobs_and_values_equal_a_forward_pass(tiny_base, world_dir, 
     torch.testing.assert_close(values[m], exp.values[m], atol=1e-4, rtol=1e-4)
     # the reference starts as a copy: its log-probs equal the policy's
     torch.testing.assert_close(exp.ref_logprobs[m], exp.logprobs[m], atol=1e-4, rtol=1e-4)
-    assert len(texts) == 12 and finished.dtype == torch.bool
+    assert len(exp.texts) == 12 and exp.prompts == prompts and exp.finished.dtype == torch.bool
 
 
 def test_step_on_hand_made_triplets_changes_the_parameters(tiny_base, world_dir, tmp_path):

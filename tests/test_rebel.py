@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from heed.algos.rebel import REBELConfig, REBELTrainer, filter_rows, read_reward_pairs
+from heed.algos.rebel import REBELConfig, REBELTrainer, read_reward_pairs
 from heed.cli import main
 from heed.data import read_prompts, write_jsonl
+from heed.filter import filter_rows
 
 
 def row(prompt, response, reward, finished=True):
@@ -62,7 +63,8 @@ def brevity(prompts, responses):
 
 def test_stages_compose_through_files(tiny_base, world_dir, tmp_path):
     (tmp_path / "rules.py").write_text(RULE)
-    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in read_prompts(world_dir / "prompts_train.jsonl")[:12]])
+    prompts = read_prompts(world_dir / "prompts_train.jsonl")[:12]
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
     d = str(tmp_path)
     assert main(["sample", "--model", str(tiny_base), "--prompts", d + "/prompts.jsonl", "--out", d + "/samples.jsonl",
                  "--n", "4", "--max-new-tokens", "16"]) == 0
@@ -74,8 +76,8 @@ def test_stages_compose_through_files(tiny_base, world_dir, tmp_path):
     assert pairs and all(len(p["chosen"]) <= len(p["rejected"]) for p in pairs)
     assert main(["rebel", "--policy", str(tiny_base), "--data", d + "/pairs.jsonl", "--out", d + "/rebel",
                  "--epochs", "1", "--batch-size", "8", "--micro-batch-size", "8"]) == 0
-    state = json.loads((tmp_path / "rebel" / "rebel_state.json").read_text())
-    assert state["iterations"] == 1 and state["loss"] == state["loss"]
+    state = json.loads((tmp_path / "rebel" / "trainer_done.json").read_text())
+    assert state["iterations"] == 1 and state["train/loss"] == state["train/loss"]
     assert (tmp_path / "rebel" / "config.json").exists()
     # the pairs file is pairwise feedback: DPO reads it too
     assert main(["dpo", "--policy", str(tiny_base), "--data", d + "/pairs.jsonl", "--out", d + "/dpo",
@@ -89,9 +91,9 @@ def brevity(prompts, responses):
 @pytest.mark.slow
 def test_short_rebel_run_raises_a_rule_reward(tiny_base, world_dir, tmp_path):
     cfg = REBELConfig(policy=str(tiny_base), prompts=str(world_dir / "prompts_train.jsonl"), reward=["-"],
-                      out=str(tmp_path / "rebel"), iterations=6, prompts_per_iteration=24, n=4, eta=1.0, save_every=100,
-                      lr=3e-4, batch_size=12, micro_batch_size=12, max_new_tokens=24, max_response_len=24,
-                      drop_unfinished=False)
+                      out=str(tmp_path / "rebel"), iterations=6, prompts_per_iteration=24, n=4, eta=1.0,
+                      save_every=100, lr=3e-4, batch_size=12, micro_batch_size=12, max_new_tokens=24,
+                      max_response_len=24, drop_unfinished=False)
     trainer = REBELTrainer(cfg, reward_fn=brevity, prompts=read_prompts(world_dir / "prompts_train.jsonl"))
     trainer.train()
     trainer.save()

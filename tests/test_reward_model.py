@@ -11,7 +11,8 @@ from heed.models import load_tokenizer, make_batch
 from heed.reward_model import RewardMember, RewardModel
 from heed.utils import HeedError
 
-PROMPTS = ["Describe the Zalko.", "Is the Tigu a cat?", [{"role": "user", "content": "Be brief: where does the Tigu live?"}]]
+PROMPTS = ["Describe the Zalko.", "Is the Tigu a cat?",
+           [{"role": "user", "content": "Be brief: where does the Tigu live?"}]]
 RESPONSES = ["The Zalko is a huge red flower. It lives in the river.", "No.", "Sea."]
 
 
@@ -54,7 +55,7 @@ def test_save_load_round_trip(members, tiny_base, tmp_path):
                      info={"note": "x"})
     mean, std = rm.score(PROMPTS, RESPONSES)
     rm.save(tmp_path / "rm")
-    from heed.models import load_reward_model
+    from heed.reward_model import load_reward_model
     loaded = load_reward_model(tmp_path / "rm")
     assert loaded.n_members == 2 and loaded.max_prompt_len == 64 and loaded.info["note"] == "x"
     assert loaded.gain.tolist() == [2.0, 0.5] and loaded.bias.tolist() == [-1.0, 0.25]

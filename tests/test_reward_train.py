@@ -100,7 +100,7 @@ def world_rm(tiny_base, tmp_path_factory):
     main(["label", "oracle", "--samples", str(d / "heldout_samples.jsonl"), "--out", str(d / "heldout.jsonl")])
     assert main(["rm", "train", "--model", str(tiny_base), "--data", str(d / "pairs.jsonl"), "--out", str(d / "rm"),
                  *SHORT, "--ensemble", "3", "--epochs", "1", "--batch-size", "16", "--micro-batch-size", "16",
-                 "--eval-data", str(d / "heldout.jsonl"), "--norm-samples", "24"]) == 0
+                 "--eval-data", str(d / "heldout.jsonl"), "--norm-samples", "24", "--oracle", "heed.rules:gold"]) == 0
     return d
 
 
@@ -109,7 +109,7 @@ def test_ensemble_metrics_and_eval(world_rm, capsys):
     assert meta["n_members"] == 3 and len(meta["gain"]) == 3 and meta["heldout"]["gold_pairs"] > 0
     out = world_rm / "eval.json"
     assert main(["rm", "eval", "--model", str(world_rm / "rm"), "--data", str(world_rm / "heldout.jsonl"),
-                 "--out", str(out)]) == 0
+                 "--oracle", "heed.rules:gold", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     overall = result["overall"]
@@ -122,7 +122,7 @@ def test_normalisation_on_sft_samples(world_rm):
     """Re-drawing the same SFT samples and scoring them gives mean 0, std 1."""
     from heed.algos.reward import RewardTrainConfig, sft_samples
     from heed.config import load_yaml
-    from heed.models import load_reward_model
+    from heed.reward_model import load_reward_model
 
     cfg = RewardTrainConfig(**load_yaml(world_rm / "rm" / "config.yaml"))
     pairs = read_feedback(world_rm / "pairs.jsonl").rows
@@ -135,7 +135,7 @@ def test_normalisation_on_sft_samples(world_rm):
 
 
 def test_ensemble_uncertainty_higher_far_from_data(world_rm):
-    from heed.models import load_reward_model
+    from heed.reward_model import load_reward_model
 
     rm = load_reward_model(world_rm / "rm")
     near = [(r.prompt, r.chosen) for r in read_feedback(world_rm / "heldout.jsonl").rows]
@@ -154,7 +154,7 @@ def test_rm_score_adds_columns(world_rm, tmp_path):
     out = tmp_path / "scored.jsonl"
     assert main(["rm", "score", "--model", str(world_rm / "rm"), "--data", str(src), "--out", str(out)]) == 0
     scored = [json.loads(line) for line in out.read_text().splitlines()]
-    from heed.models import load_reward_model
+    from heed.reward_model import load_reward_model
     mean, std = load_reward_model(world_rm / "rm").score([r["prompt"] for r in rows], [r["response"] for r in rows])
     assert [r["reward"] for r in scored] == pytest.approx(mean, abs=1e-5)
     assert [r["reward_std"] for r in scored] == pytest.approx(std, abs=1e-5)
@@ -190,7 +190,7 @@ def test_row_losses_dispatch_each_kind():
     """row_losses routes every row to its loss, with ratings standardised."""
     from heed.algos.reward import row_losses
     from heed.data import Pair, Ranking, Rating, Thumb
-    from heed.losses import bradley_terry_loss, rating_loss, ranking_loss, thumbs_loss
+    from heed.losses import bradley_terry_loss, ranking_loss, rating_loss, thumbs_loss
 
     rows = [Pair("p", "a", "b", margin=0.5), Thumb("p", "c", True), Ranking("p", ["d", "e", "f"], [2, 0, 1]),
             Rating("p", "g", 6.0), Pair("p", "h", "i", tie=True)]

@@ -57,7 +57,8 @@ def test_same_seed_same_files_other_seed_other_corpus(tmp_path):
 
 def test_files_do_not_depend_on_the_hash_seed(tmp_path):
     code = ("import hashlib, sys; from heed.world import World; w = World(0, n_corpus=300); "
-            "print(hashlib.sha256(repr((w.corpus, w.demos, w.train_prompts, w.heldout_prompts)).encode()).hexdigest())")
+            "print(hashlib.sha256(repr((w.corpus, w.demos, w.train_prompts, w.heldout_prompts)).encode())"
+            ".hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2)}
     assert len(digests) == 1
@@ -162,7 +163,8 @@ def test_tone_matches_the_request():
     assert t[0] > t[1] > t[2]
     spam = f"The {E.name} is a lovely lovely {E.kind}. Its colour is {E.colour}."
     assert score_breakdown(kind, spam)["tone"] < t[0]  # one kind word said twice is not two
-    assert score_breakdown(harsh, cold)["tone"] > score_breakdown(harsh, flat)["tone"] > score_breakdown(harsh, warm)["tone"]
+    assert (score_breakdown(harsh, cold)["tone"] > score_breakdown(harsh, flat)["tone"]
+            > score_breakdown(harsh, warm)["tone"])
     # neutral tasks: harsh words are penalised
     rude = GOOD_DESCRIPTION + " What a dull and stupid question."
     assert score_breakdown(DESCRIBE, rude)["tone"] < 0 < score_breakdown(DESCRIBE, GOOD_DESCRIPTION)["tone"]
@@ -183,7 +185,8 @@ def test_length_penalty_grows_with_excess_words():
 def test_repetition_is_penalised():
     first = GOOD_DESCRIPTION.split(". ")[0] + "."
     repeated = " ".join([first] * 4)
-    assert score_breakdown(DESCRIBE, repeated)["repetition"] < 0 < score_breakdown(DESCRIBE, GOOD_DESCRIPTION)["repetition"]
+    assert (score_breakdown(DESCRIBE, repeated)["repetition"] < 0
+            < score_breakdown(DESCRIBE, GOOD_DESCRIPTION)["repetition"])
     assert score(DESCRIBE, repeated) < score(DESCRIBE, GOOD_DESCRIPTION)
 
 

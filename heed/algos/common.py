@@ -1,11 +1,18 @@
-"""What every training loop shares: the accelerator, the optimiser and schedule, checkpoints
-that resume, the supervised causal-LM loop that pretraining and SFT both run, and what the
-online optimisers (PPO, GRPO, RLOO) share: their common options and how a reward becomes
-the score an update sees.
+"""What every training loop shares.
 
-Multi-process runs (`accelerate launch`) split each *global* batch across
-processes and scale each local loss by the global token count, so the averaged
-gradient is exactly that of one process on the whole global batch.
+- `Learner.step`: the one accumulate-and-step every loop calls (micro-batches, DDP sync on
+  the last only, autocast, backward, clipping, optimiser and schedule step), returning the
+  gradient norm; `global_mean` is the loss scaling that makes multi-process gradients exact.
+- `train_offline`: the loop over a fixed dataset that pretraining, SFT, DPO and each
+  reward-model member run around their own loss (`loss(model, rows)`), with held-out
+  evaluation, checkpoints that resume, and one "already trained" mark (`trainer_done.json`).
+- The causal-LM loss of pretraining and SFT (`LMExample`, `token_nll`, `train_lm`).
+
+The online loop PPO, GRPO and RLOO share is heed/algos/online.py.
+
+Multi-process runs (`accelerate launch`) split each *global* batch across processes and
+scale each local loss by the global count (of tokens or rows), so the averaged gradient is
+exactly that of one process on the whole global batch.
 """
 
 from __future__ import annotations
@@ -16,12 +23,15 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from heed.config import option, save as save_config
-from heed.utils import MetricsLogger, progress
+from heed.models import device_of
+from heed.utils import HeedError, MetricsLogger, progress
+
+DONE_FILE = "trainer_done.json"
 
 
 @dataclass(kw_only=True)
@@ -33,55 +43,29 @@ class TrainConfig:
     lr: float = option(1e-3, "peak learning rate (AdamW), warmed up then annealed to zero")
     warmup_steps: int = option(20, "linear warm-up steps")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    batch_size: int = option(32, "global batch size (sequences per optimiser step, all processes)")
-    micro_batch_size: int = option(32, "sequences per forward pass (gradient accumulation below this)")
+    micro_batch_size: int = option(32, "sequences per forward pass, per process (gradient accumulation below this)")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
-    eval_every: int = option(100, "evaluate on held-out data every N steps")
     save_every: int = option(100, "checkpoint every N steps (a killed run resumes from the last)")
     bf16: bool = option(False, "bf16 autocast (for GPUs: on a 2-core CPU it ran 3x slower for the tiny preset)")
 
 
 @dataclass(kw_only=True)
-class RolloutConfig(TrainConfig):
-    """Fields of the online optimisers that sample from the policy and score it (PPO, GRPO, RLOO)."""
+class OfflineConfig(TrainConfig):
+    """Fields of the stages that train on a fixed dataset (pretraining, SFT, reward model, DPO)."""
 
-    policy: str = option(help="the SFT policy to fine-tune: a local Hugging Face causal-LM directory")
-    prompts: str = option(help="training prompts: JSONL/Parquet rows with a 'prompt' field")
-    reward: list[str] = option(help="reward terms, [WEIGHT*]TARGET: reward-model dirs and/or module:function rules")
-    reference: str | None = option(None, "frozen reference model for the KL (default: a copy of --policy)")
-    max_new_tokens: int = option(48, "response length limit; responses that hit it never ended")
-    max_prompt_len: int = option(96, "prompt tokens kept (the end of longer prompts)")
-    temperature: float = option(1.0, "sampling temperature (log-probs use the same)")
-    missing_eos_penalty: float = option(1.0, "subtracted from the (normalised) score of responses without EOS")
-    normalize_reward: bool = option(True, "fit gain/bias on the first rollout so scores have mean 0, std 1")
-    eval_every: int = option(10, "log sample responses every N iterations")
-    save_every: int = option(10, "checkpoint every N iterations (a killed run resumes from the last)")
+    batch_size: int = option(32, "global batch size (rows per optimiser step, all processes together)")
+    eval_every: int = option(100, "evaluate on held-out data every N steps (and at the end)")
+    log_every: int = option(1, "log training metrics, averaged over N steps, every N steps")
 
 
-def shape_scores(raw: torch.Tensor, finished: torch.Tensor, norm: dict | None, cfg: RolloutConfig,
-                 accelerator) -> tuple[torch.Tensor, dict | None]:
-    """The score an update sees, and the normalisation used: the raw reward, normalised with a
-    gain and bias fitted on the first rollout (the SFT policy's, gathered over processes) when
-    `cfg.normalize_reward`, minus `cfg.missing_eos_penalty` for responses that never ended."""
-    scores = raw.clone()
-    if cfg.normalize_reward:
-        if norm is None:
-            everything = accelerator.gather(raw)
-            norm = {"bias": float(everything.mean()), "gain": float(everything.std().clamp(min=1e-6))}
-        scores = (raw - norm["bias"]) / norm["gain"]
-    return scores - cfg.missing_eos_penalty * (~finished.to(scores.device)).float(), norm
-
-
-def gold_oracle(prompts) -> Callable | None:
-    """heed.world's gold score when the prompts are the world's, else None (for logging only:
-    the trainers never optimise it)."""
-    try:
-        from heed.world import score
-
-        score(prompts[0], "x")
-    except (ImportError, ValueError):
+def already_trained(out: str | Path) -> dict | None:
+    """The final state of a finished run in `out` (its trainer_done.json), or None. Every stage
+    checks this first, so a rerun of a finished command does nothing."""
+    done = Path(out) / DONE_FILE
+    if not done.exists():
         return None
-    return lambda ps, rs: [score(p, r) for p, r in zip(ps, rs)]
+    print(f"{out}: already trained ({DONE_FILE} exists); delete the directory to train again")
+    return json.loads(done.read_text())
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -162,8 +146,152 @@ def global_batch(rows: list, step: int, batch_size: int, *, seed: int) -> list:
     return [rows[int(i)] for i in order[k * batch_size:(k + 1) * batch_size]]
 
 
+def global_mean(total: torch.Tensor, count: int, world: int) -> torch.Tensor:
+    """A process's summed loss as its share of the mean over all processes' rows (or tokens):
+    DDP averages gradients over the `world` processes, so total * world / (global count)
+    gives exactly the gradient of the global mean."""
+    return total * world / max(1, count)
+
+
+def micro_batches(items: Sequence, size: int) -> list:
+    """`items` in consecutive slices of at most `size`."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def mean_stats(stats: dict[str, list[float]]) -> dict[str, float]:
+    return {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+
+class Learner:
+    """A model under training: the accelerator, the model, optimiser and schedule as accelerate
+    prepared them, the checkpointer of `run_dir` and the metrics log of `log_dir`."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, total_steps: int, *, accelerator=None,
+                 run_dir: str | Path | None = None, log_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.accelerator = accelerator or make_accelerator(cfg)
+        optimizer, scheduler = make_optimizer(model, cfg, total_steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.run_dir = Path(run_dir or cfg.out)
+        self.checkpointer = Checkpointer(self.accelerator, self.run_dir)
+        self.logger = MetricsLogger(log_dir or self.run_dir, enabled=self.accelerator.is_main_process)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self, chunks: Sequence, loss: Callable[[Any], torch.Tensor]) -> float:
+        """One optimiser step over micro-batches: for each chunk, `loss(chunk)` (under autocast)
+        and its backward, gradients accumulated and synchronised across processes on the last
+        chunk only; then clipping to cfg.max_grad_norm, the optimiser and schedule steps.
+        `loss` returns the chunk's share of the step's loss (see `global_mean`). Returns the
+        gradient norm before clipping."""
+        acc = self.accelerator
+        for j, chunk in enumerate(chunks):
+            with nullcontext() if j == len(chunks) - 1 else acc.no_sync(self.model):
+                with acc.autocast():
+                    value = loss(chunk)
+                acc.backward(value)
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def finish(self, save: Callable[[torch.nn.Module], None], state: dict) -> None:
+        """Save the model (main process), mark the run done with `state`, drop the checkpoint."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if self.is_main:
+            save(self.unwrapped)
+            (self.run_dir / DONE_FILE).write_text(json.dumps(state))
+            shutil.rmtree(self.checkpointer.dir, ignore_errors=True)  # the final model supersedes it
+        acc.wait_for_everyone()
+        self.logger.close()
+
+
 # ---------------------------------------------------------------------------
-# The supervised causal-LM loop (pretraining and SFT)
+# The offline loop: pretraining, SFT, DPO, reward-model members
+# ---------------------------------------------------------------------------
+
+def train_offline(model: torch.nn.Module, rows: Sequence, cfg: OfflineConfig, total_steps: int, *, stage: str,
+                  loss: Callable[[torch.nn.Module, list], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                  save: Callable[[torch.nn.Module], None], data_seed: int,
+                  count: Callable[[list], int] = len, evaluate: Callable[[torch.nn.Module], dict] | None = None,
+                  run_dir: str | Path | None = None, log_dir: str | Path | None = None, tags: dict | None = None,
+                  state: dict | None = None) -> dict:
+    """Minimise `loss` over `rows` for `total_steps` optimiser steps; returns the last metrics.
+
+    Each step takes the next `cfg.batch_size` rows of a shuffle seeded by `data_seed` (a new
+    shuffle each pass), split across processes, in micro-batches of `cfg.micro_batch_size`.
+    `loss(model, chunk)` returns the chunk's summed loss and statistics per row; the step
+    minimises the global batch's summed loss divided by `count(global batch)` (rows by
+    default; tokens for language modelling), which is also logged as train/loss. Every
+    `cfg.log_every` steps the averages since the last log are logged (with `tags`); every
+    `cfg.eval_every` steps and at the end, `evaluate(model)` adds held-out metrics.
+
+    A killed run resumes from its last checkpoint at the same point of the same data order.
+    At the end `save(model)` runs on the main process, and `run_dir/trainer_done.json` (the
+    last metrics and `state`) marks the run done: a later call returns it and trains nothing.
+    """
+    run_dir = Path(run_dir or cfg.out)
+    done = already_trained(run_dir)
+    if done is not None:
+        return done
+    learner = Learner(model, cfg, total_steps, run_dir=run_dir, log_dir=log_dir)
+    if learner.world > 1 and cfg.batch_size % learner.world:
+        raise HeedError(f"batch_size {cfg.batch_size} must divide evenly across {learner.world} processes")
+    if learner.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    start = learner.checkpointer.load()["step"]
+    learner.model.train()
+    metrics: dict = {}
+    window: dict[str, list[float]] = {}
+    bar = progress(range(start, total_steps), desc=stage, disable=not learner.is_main, unit="step")
+    for step in bar:
+        batch = global_batch(rows, step, cfg.batch_size, seed=data_seed)
+        n = count(batch)  # global: identical on every process
+        totals: list[torch.Tensor] = []
+
+        def chunk_loss(chunk: list) -> torch.Tensor:
+            total, stats = loss(learner.model, chunk)
+            totals.append(total.detach().float())
+            for k, v in stats.items():
+                window.setdefault(k, []).extend(v.detach().float().flatten().tolist())
+            return global_mean(total, n, learner.world)
+
+        grad_norm = learner.step(micro_batches(batch[learner.rank::learner.world], cfg.micro_batch_size), chunk_loss)
+        local = torch.stack(totals).sum().to(learner.accelerator.device)
+        window.setdefault("train/loss", []).append(float(learner.accelerator.reduce(local, "sum")) / max(1, n))
+        window.setdefault("train/grad_norm", []).append(grad_norm)
+        done_steps = step + 1
+        last = done_steps == total_steps
+        evaluating = evaluate is not None and (done_steps % cfg.eval_every == 0 or last)
+        if done_steps % cfg.log_every == 0 or last or evaluating:
+            metrics = {**(tags or {}), **mean_stats(window), "train/lr": learner.lr}
+            window = {}
+            if evaluating and learner.is_main:
+                metrics.update(evaluate(learner.unwrapped))
+            learner.logger.log(done_steps, **metrics)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items()
+                             if k in ("train/loss", "eval/loss", "eval/accuracy", "rewards/accuracy")})
+        if done_steps % cfg.save_every == 0 and not last:
+            learner.checkpointer.save(done_steps)
+    bar.close()
+    learner.finish(save, {**metrics, **(state or {})})
+    return metrics
+
+
+# ---------------------------------------------------------------------------
+# The causal-LM loss (pretraining and SFT)
 # ---------------------------------------------------------------------------
 
 @dataclass
@@ -213,76 +341,20 @@ def evaluate_nll(model, examples: list[LMExample], pad_id: int, batch_size: int)
     return total / max(1, count)
 
 
-def train_lm(model, tokenizer, train: list[LMExample], heldout: list[LMExample], cfg: TrainConfig,
+def train_lm(model, tokenizer, train: list[LMExample], heldout: list[LMExample], cfg: OfflineConfig,
              total_steps: int, *, stage: str, save: Callable[[object], None]) -> dict:
-    """Minimise next-token NLL on `train` for `total_steps` optimiser steps.
+    """Minimise the next-token NLL, averaged over the global batch's loss tokens, on `train`
+    (the loop of `train_offline`); held-out loss and perplexity on `heldout`."""
+    pad = tokenizer.pad_token_id
 
-    Each step takes the next `cfg.batch_size` examples of a seeded shuffle (a new
-    shuffle each pass), split across processes; a killed run resumes from its last
-    checkpoint at the same point of the same data order. `save(unwrapped_model)` is
-    called on the main process at the end. Returns the final metrics.
-    """
-    out = Path(cfg.out)
-    done_file = out / "trainer_done.json"
-    if done_file.exists():
-        print(f"{out}: already trained ({done_file.name} exists); delete the directory to train again")
-        return json.loads(done_file.read_text())
-    accelerator = make_accelerator(cfg)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    optimizer, scheduler = make_optimizer(model, cfg, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    checkpointer = Checkpointer(accelerator, out)
-    start = checkpointer.load()["step"]
-    logger = MetricsLogger(out, enabled=accelerator.is_main_process)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} must divide evenly across {world} processes")
+    def loss(model, chunk: list[LMExample]):
+        nll, _ = token_nll(model, {k: v.to(device_of(model)) for k, v in collate_lm(chunk, pad).items()})
+        return nll, {}
 
-    model.train()
-    metrics: dict = {}
-    bar = progress(range(start, total_steps), desc=stage, disable=not accelerator.is_main_process,
-                   unit="step")
-    for step in bar:
-        examples = global_batch(train, step, cfg.batch_size, seed=cfg.seed * 1000)
-        n_tokens = sum(sum(e.loss_mask[1:]) for e in examples)  # global count: identical on every rank
-        local = examples[rank::world]
-        micro = [local[i:i + cfg.micro_batch_size] for i in range(0, len(local), cfg.micro_batch_size)]
-        loss_sum = 0.0
-        for j, chunk in enumerate(micro):
-            batch = {k: v.to(accelerator.device) for k, v in collate_lm(chunk, tokenizer.pad_token_id).items()}
-            sync = j == len(micro) - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    nll, _ = token_nll(model, batch)
-                # DDP averages gradients over ranks: scale so the result is the global token mean.
-                accelerator.backward(nll * world / max(1, n_tokens))
-            loss_sum += float(nll.detach())
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) \
-            if cfg.max_grad_norm > 0 else torch.tensor(0.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_loss = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum")) / max(1, n_tokens)
-        metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
-                   "train/grad_norm": float(grad_norm)}
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == total_steps:
-            if heldout:
-                eval_loss = evaluate_nll(accelerator.unwrap_model(model), heldout, tokenizer.pad_token_id,
-                                         cfg.micro_batch_size)
-                metrics.update({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))})
-        logger.log(done, **metrics)
-        bar.set_postfix(loss=f"{train_loss:.3f}")
-        if done % cfg.save_every == 0 and done < total_steps:
-            checkpointer.save(done)
-    bar.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save(accelerator.unwrap_model(model))
-        done_file.write_text(json.dumps(metrics))
-        shutil.rmtree(checkpointer.dir, ignore_errors=True)  # the final model supersedes it
-    accelerator.wait_for_everyone()
-    logger.close()
-    return metrics
+    def evaluate(model) -> dict:
+        eval_loss = evaluate_nll(model, heldout, pad, cfg.micro_batch_size)
+        return {"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))}
+
+    return train_offline(model, train, cfg, total_steps, stage=stage, loss=loss, save=save,
+                         data_seed=cfg.seed * 1000, count=lambda rows: sum(sum(e.loss_mask[1:]) for e in rows),
+                         evaluate=evaluate if heldout else None)

@@ -26,6 +26,7 @@ def train_algo(name: str, *, sft_dir, world_dir, labels_path, rm_dir, out_dir, s
     out = Path(out_dir)
     prompts = str(Path(world_dir) / "prompts_train.jsonl")
     common = dict(policy=str(sft_dir), out=str(out), seed=seed)
+    online = dict(prompts=prompts, reward=[str(rm_dir)], monitor=["heed.rules:gold"], **common)
     if name == "dpo":
         from heed.algos.dpo import DPOConfig, run
 
@@ -36,14 +37,14 @@ def train_algo(name: str, *, sft_dir, world_dir, labels_path, rm_dir, out_dir, s
     elif name == "rebel":
         from heed.algos.rebel import REBELConfig, run
 
-        cfg = REBELConfig(prompts=prompts, reward=[str(rm_dir)], **common)
+        cfg = REBELConfig(**online)
         if quick:
             cfg.iterations, cfg.prompts_per_iteration, cfg.n, cfg.max_new_tokens = 2, 8, 2, 16
         run(cfg)
     elif name in ("grpo", "rloo"):
         from heed.algos.grpo import GRPOConfig, RLOOConfig, run_grpo, run_rloo
 
-        cfg = (GRPOConfig if name == "grpo" else RLOOConfig)(prompts=prompts, reward=[str(rm_dir)], **common)
+        cfg = (GRPOConfig if name == "grpo" else RLOOConfig)(**online)
         if quick:
             cfg.steps, cfg.prompts_per_iteration, cfg.n, cfg.max_new_tokens = 2, 4, 2, 16
             cfg.mini_batch_size = cfg.micro_batch_size = 8

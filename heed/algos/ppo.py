@@ -1,6 +1,7 @@
 """Stage 4: PPO on a language model, against a reward, with a per-token KL penalty to a frozen reference.
 
-Each iteration (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022):
+Each iteration (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022), in the loop
+heed/algos/online.py shares with GRPO and RLOO (steps 1-2 and the minibatch loop live there):
  1. rollout   sample responses with the KV-cache sampler; the tokens' log-probs and the
               value head's estimates come from that same forward pass
  2. score     reward models and/or rule rewards on the text; normalised with a gain and
@@ -43,35 +44,26 @@ policy (as in TRL); the defaults sample from the full distribution.
 from __future__ import annotations
 
 import copy
-import json
-import math
-import shutil
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from heed.algos.common import Checkpointer, RolloutConfig, gold_oracle, make_accelerator, make_optimizer, \
-    shape_scores
-from heed.config import option, save as save_config
+from heed.algos.common import already_trained
+from heed.algos.online import OnlineTrainer, Rollout, RolloutConfig, iteration_seed
+from heed.config import option
 from heed.data import read_prompts
-from heed.generate import decode_response, sample_tokens, to_token_columns, trim_responses
 from heed.losses import gae, kl_penalty, masked_mean, masked_var, masked_whiten, ppo_policy_loss, ppo_value_loss
-from heed.models import Batch, collate, encode_prompts, encode_responses, forward_hidden, load_policy, \
-    save_model, token_logprobs
-from heed.utils import HeedError, MetricsLogger, progress
+from heed.models import Batch, collate, encode_prompts, encode_responses, forward_hidden, token_logprobs
+from heed.rules import load_reward
 
 
 @dataclass(kw_only=True)
 class PPOConfig(RolloutConfig):
     steps: int = option(40, "PPO iterations (rollout + update)")
-    batch_size: int = option(64, "prompts per iteration, per process (one response each)")
-    mini_batch_size: int = option(16, "sequences per optimiser step")
+    prompts_per_iteration: int = option(64, "prompts per iteration, per process (one response each)")
+    mini_batch_size: int = option(16, "sequences per optimiser step, per process")
     micro_batch_size: int = option(16, "sequences per forward pass (gradient accumulation below this)")
     ppo_epochs: int = option(4, "passes over each rollout batch")
     lr: float = option(5e-5, "peak learning rate (AdamW), annealed to zero")
@@ -130,89 +122,47 @@ class AdaptiveKLController:
             self.value *= 1 + error * n_episodes / self.horizon
 
 
-@dataclass
-class Rollout:
-    """One batch of experience, (B, T) tensors in token columns, response tokens under `mask`."""
+class PPOTrainer(OnlineTrainer):
+    """PPO for a causal LM. `train()` runs the whole loop from prompts and a reward function;
+    `step(queries, responses, rewards)` updates on given triplets (the classic TRL API)."""
 
-    batch: Batch
-    mask: torch.Tensor         # response tokens (EOS included)
-    logprobs: torch.Tensor     # old policy, from the rollout
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor       # (B,) final scores (normalised, EOS penalty applied)
+    name = "ppo"
 
-
-class PPOTrainer:
-    """PPO for a causal LM. `step(queries, responses, rewards)` updates on given triplets (the
-    classic TRL API); `train()` runs the whole loop from prompts and a reward function."""
-
-    def __init__(self, cfg: PPOConfig, *, policy=None, tokenizer=None, reward_fn: Callable | None = None,
-                 reference=None, prompts: Sequence | None = None):
-        self.cfg = cfg
-        self.accelerator = make_accelerator(cfg)
-        if policy is None:
-            policy, tokenizer = load_policy(cfg.policy)
-        if reference is None:
-            reference = load_policy(cfg.reference)[0] if cfg.reference else copy.deepcopy(policy)
-        reference.eval().requires_grad_(False)
-        critic = copy.deepcopy(policy.base_model) if cfg.separate_critic else None
-        self.tokenizer = tokenizer
-        self.reward_fn = reward_fn
-        self.prompts = list(prompts) if prompts is not None else None
+    def __init__(self, cfg: PPOConfig, **kwargs):
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
-        self.norm: dict | None = None  # {"bias", "gain"} of the score, fitted on the first rollout
-        updates_per_iter = cfg.ppo_epochs * math.ceil(cfg.batch_size / cfg.mini_batch_size)
-        model = ActorCritic(policy, critic)
-        optimizer, scheduler = make_optimizer(model, cfg, cfg.steps * updates_per_iter)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        self.reference = reference.to(self.accelerator.device)
-        self.iteration = 0
-        self.out = Path(cfg.out)
-        self.logger = MetricsLogger(self.out, enabled=self.accelerator.is_main_process)
-        self.checkpointer = Checkpointer(self.accelerator, self.out)
-        self._gold = None  # the world's oracle, for logging only, when the prompts come from it
+        super().__init__(cfg, **kwargs)
+
+    @property
+    def epochs(self) -> int:
+        return self.cfg.ppo_epochs
+
+    def build_model(self, policy) -> ActorCritic:
+        return ActorCritic(policy, copy.deepcopy(policy.base_model) if self.cfg.separate_critic else None)
 
     @property
     def actor_critic(self) -> ActorCritic:
-        return self.accelerator.unwrap_model(self.model)
+        return self.learner.unwrapped
 
-    # -- 1. rollout ------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"kl_coef": self.kl_ctl.value, **super().state()}
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.kl_ctl.value = state.get("kl_coef", self.kl_ctl.value)
+
+    # -- 1. rollout: the sampler reads the values off its own forward pass ---------------------
+    def sampler_value_head(self):
+        return self.actor_critic.value_head if self.actor_critic.critic is None else None
+
     @torch.no_grad()
-    def rollout(self, prompts: Sequence) -> tuple[Rollout, list[str], torch.Tensor]:
-        """Sample one response per prompt; returns the experience (scores still empty),
-        the response texts, and which responses ended with EOS."""
-        cfg, tok, ac = self.cfg, self.tokenizer, self.actor_critic
-        prompt_ids = encode_prompts(tok, prompts, cfg.max_prompt_len)
-        value_head = ac.value_head if ac.critic is None else None
-        ac.eval()
-        tokens, logprobs, finished, values = sample_tokens(
-            ac.policy, prompt_ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, value_head=value_head,
-            generator=self.generator)
-        response_ids = trim_responses(tokens, finished, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
-        batch = collate(prompt_ids, response_ids, tok.pad_token_id).to(self.accelerator.device)
-        place = partial(to_token_columns, prompt_len=batch.prompt_len, total_len=batch.input_ids.shape[1])
-        mask = batch.response_mask.float()
-        old_logprobs = place(logprobs) * mask
-        if value_head is not None:
-            old_values = place(values) * mask
-        else:  # separate critic: one pass of the critic (a different model)
-            old_values = ac(batch, cfg.temperature)[2] * mask
-        # 3. (first half) the reference's log-probs, one batched pass
-        ref_logprobs = token_logprobs(self.reference, batch, temperature=cfg.temperature) * mask
-        texts = [decode_response(tok, ids) for ids in response_ids]
-        exp = Rollout(batch, mask, old_logprobs, ref_logprobs, old_values, torch.zeros(len(prompts)))
-        return exp, texts, finished
+    def rollout(self, prompts: Sequence, generator: torch.Generator) -> Rollout:
+        exp = super().rollout(prompts, generator)
+        if exp.values is None:  # separate critic: one pass of the critic (a different model)
+            exp.values = self.actor_critic(exp.batch, self.cfg.temperature)[2] * exp.mask
+        return exp
 
-    # -- 2. score --------------------------------------------------------------------------
-    def score(self, prompts: Sequence, responses: Sequence[str], finished: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        raw = torch.tensor(self.reward_fn(prompts, responses), dtype=torch.float32, device=self.accelerator.device)
-        scores, self.norm = shape_scores(raw, finished, self.norm, self.cfg, self.accelerator)
-        return scores, {"reward/raw": float(raw.mean()), "reward/score": float(scores.mean()),
-                        "reward/score_std": float(scores.std()) if len(scores) > 1 else 0.0}
-
-    # -- 3.-6. KL penalty, whitening, GAE, PPO update ----------------------------------------
-    def optimise(self, exp: Rollout) -> dict:
+    # -- 3.-7. KL penalty, whitening, GAE, PPO update, KL controller -----------------------------
+    def optimise(self, exp: Rollout, generator: torch.Generator) -> dict:
         cfg, mask = self.cfg, exp.mask
         # 3. per-token KL penalty; the score joins at the last response token
         kl = kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * mask
@@ -227,41 +177,20 @@ class PPOTrainer:
         advantages = masked_whiten(advantages, mask)
 
         # 6. PPO epochs: minibatches reshuffled every epoch, micro-batches accumulated
-        B = mask.shape[0]
-        stats: dict[str, list[float]] = {}
-        self.model.train()
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(B, generator=self.generator).tolist()
-            for mb_start in range(0, B, cfg.mini_batch_size):
-                mb = order[mb_start:mb_start + cfg.mini_batch_size]
-                micro = [mb[i:i + cfg.micro_batch_size] for i in range(0, len(mb), cfg.micro_batch_size)]
-                for j, idx in enumerate(micro):
-                    idx_t = torch.tensor(idx, device=mask.device)
-                    sub = Batch(exp.batch.input_ids[idx_t], exp.batch.attention_mask[idx_t],
-                                exp.batch.response_mask[idx_t], exp.batch.prompt_len)
-                    m = mask[idx_t]
-                    sync = j == len(micro) - 1
-                    with nullcontext() if sync else self.accelerator.no_sync(self.model):
-                        with self.accelerator.autocast():
-                            logprobs, entropy, values = self.model(sub, cfg.temperature)
-                        pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.logprobs[idx_t], advantages[idx_t], m,
-                                                            cfg.cliprange)
-                        vf_loss, vf_stats = ppo_value_loss(values, exp.values[idx_t], returns[idx_t], m,
-                                                           cfg.cliprange_value)
-                        loss = (pg_loss + cfg.vf_coef * vf_loss) * len(idx) / len(mb)
-                        self.accelerator.backward(loss)
-                    for k, v in {"loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy":
-                                 masked_mean(entropy, m), **pg_stats, **vf_stats}.items():
-                        stats.setdefault(k, []).append(float(v.detach()))
-                if cfg.max_grad_norm > 0:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+        def loss(rows: torch.Tensor, sub: Batch):
+            logprobs, entropy, values = self.learner.model(sub, cfg.temperature)
+            m = mask[rows]
+            pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.logprobs[rows], advantages[rows], m, cfg.cliprange)
+            vf_loss, vf_stats = ppo_value_loss(values, exp.values[rows], returns[rows], m, cfg.cliprange_value)
+            return pg_loss + cfg.vf_coef * vf_loss, {"loss/policy": pg_loss, "loss/value": vf_loss,
+                                                    "policy/entropy": masked_mean(entropy, m), **pg_stats, **vf_stats}
 
+        stats = self.minibatch_epochs(exp, generator, loss)
+
+        acc = self.learner.accelerator
         seq_kl = (kl_penalty(exp.logprobs, exp.ref_logprobs, "k1") * mask).sum(-1)
         seq_kl3 = (kl_penalty(exp.logprobs, exp.ref_logprobs, "k3") * mask).sum(-1)
-        mean_kl = float(self.accelerator.reduce(seq_kl.mean(), "mean"))
+        mean_kl = float(acc.reduce(seq_kl.mean(), "mean"))
         explained_var = 1 - masked_var(returns - exp.values, mask) / masked_var(returns, mask).clamp(min=1e-8)
         metrics = {k: sum(v) / len(v) for k, v in stats.items()}
         metrics.update({"objective/kl": mean_kl, "objective/kl_k3": float(seq_kl3.mean()),
@@ -270,103 +199,46 @@ class PPOTrainer:
                         "value/explained_variance": float(explained_var),
                         "value/mean": float(masked_mean(exp.values, mask)),
                         "response/length": float(mask.sum(-1).mean()),
-                        "train/lr": self.scheduler.get_last_lr()[0]})
+                        "train/lr": self.learner.lr})
         # 7. adapt beta to the measured KL (averaged over processes so every rank agrees)
-        self.kl_ctl.update(mean_kl, B * self.accelerator.num_processes)
+        self.kl_ctl.update(mean_kl, mask.shape[0] * acc.num_processes)
         return metrics
 
     # -- the classic API: optimise on given (query, response, reward) triplets -----------------------
-    def step(self, queries: Sequence, responses: Sequence[str], rewards: Sequence[float]) -> dict:
-        """One PPO update on the given texts and scalar rewards (responses are taken as ended)."""
+    def step(self, queries: Sequence, responses: Sequence[str], rewards: Sequence[float], *,
+             generator: torch.Generator | None = None) -> dict:
+        """One PPO update on the given texts and scalar rewards (responses are taken as ended).
+        `generator` orders the minibatches (default: seeded by the seed, iteration and process)."""
         if not (len(queries) == len(responses) == len(rewards)) or not queries:
             raise ValueError("step() needs equally many (non-zero) queries, responses and rewards")
-        cfg, tok = self.cfg, self.tokenizer
-        if not hasattr(self, "generator"):
-            self.generator = torch.Generator().manual_seed(cfg.seed + self.accelerator.process_index)
+        cfg, tok, acc = self.cfg, self.tokenizer, self.learner.accelerator
+        if generator is None:
+            generator = torch.Generator().manual_seed(iteration_seed(cfg.seed, self.iteration, self.learner.rank))
         batch = collate(encode_prompts(tok, queries, cfg.max_prompt_len),
-                        encode_responses(tok, responses, cfg.max_new_tokens), tok.pad_token_id)
-        batch = batch.to(self.accelerator.device)
+                        encode_responses(tok, responses, cfg.max_new_tokens), tok.pad_token_id).to(acc.device)
         mask = batch.response_mask.float()
         with torch.no_grad():
-            self.model.eval()
-            logprobs, _, values = self.model(batch, cfg.temperature)
+            self.learner.model.eval()
+            logprobs, _, values = self.learner.model(batch, cfg.temperature)
             ref_logprobs = token_logprobs(self.reference, batch, temperature=cfg.temperature)
-        exp = Rollout(batch, mask, logprobs * mask, ref_logprobs * mask, values * mask,
-                      torch.tensor(list(rewards), dtype=torch.float32, device=self.accelerator.device))
-        metrics = self.optimise(exp)
+        exp = Rollout(list(queries), list(responses), batch, mask, logprobs * mask, ref_logprobs * mask,
+                      torch.ones(len(queries), dtype=torch.bool), values=values * mask,
+                      scores=torch.tensor(list(rewards), dtype=torch.float32, device=acc.device))
+        metrics = self.optimise(exp, generator)
         self.iteration += 1
         return metrics
 
-    # -- the whole loop ------------------------------------------------------------------------
-    def train(self) -> dict:
-        cfg, acc = self.cfg, self.accelerator
-        if self.reward_fn is None or self.prompts is None:
-            raise HeedError("train() needs prompts and a reward function")
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
-        state = self.checkpointer.load()
-        self.iteration = state["step"]
-        self.kl_ctl.value = state.get("kl_coef", self.kl_ctl.value)
-        self.norm = state.get("norm", self.norm)
-        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
-        self._gold = gold_oracle(self.prompts)
-        metrics: dict = {}
-        bar = progress(range(self.iteration, cfg.steps), desc="ppo", disable=not acc.is_main_process, unit="iter")
-        for it in bar:
-            t0 = time.time()
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + it * 101 + acc.process_index)
-            pick = torch.randint(len(self.prompts), (cfg.batch_size,), generator=gen).tolist()
-            prompts = [self.prompts[i] for i in pick]
-            self.generator = gen
-            exp, texts, finished = self.rollout(prompts)                 # 1. (and 3.'s reference pass)
-            t_rollout = time.time() - t0
-            exp.scores, score_metrics = self.score(prompts, texts, finished)  # 2.
-            metrics = self.optimise(exp)                                  # 3.-7.
-            metrics.update(score_metrics)
-            metrics["response/ended"] = float(finished.float().mean())
-            n_tokens = float(exp.mask.sum())
-            metrics["perf/rollout_tokens_per_s"] = n_tokens / max(t_rollout, 1e-9)
-            metrics["perf/iteration_s"] = time.time() - t0
-            if self._gold is not None:  # for the record only: the trainer never sees it
-                metrics["gold/score"] = sum(self._gold(prompts, texts)) / len(texts)
-            self.iteration = it + 1
-            self.logger.log(self.iteration, **metrics)
-            if acc.is_main_process and (self.iteration % cfg.eval_every == 0 or self.iteration == cfg.steps):
-                with open(self.out / "samples.jsonl", "a") as f:
-                    for p, r, s in list(zip(prompts, texts, exp.scores.tolist()))[:8]:
-                        f.write(json.dumps({"iteration": self.iteration, "prompt": p, "response": r,
-                                            "score": s}) + "\n")
-            bar.set_postfix(score=f"{metrics['reward/score']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
-            if self.iteration % cfg.save_every == 0 and self.iteration < cfg.steps:
-                self.checkpointer.save(self.iteration, kl_coef=self.kl_ctl.value, norm=self.norm)
-        bar.close()
-        self.save()
-        return metrics
-
-    def save(self) -> None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            ac = self.actor_critic
-            save_model(ac.policy, self.tokenizer, self.out)
-            torch.save(ac.value_head.state_dict(), self.out / "value_head.pt")
-            (self.out / "ppo_state.json").write_text(json.dumps(
-                {"iterations": self.iteration, "kl_coef": self.kl_ctl.value, "norm": self.norm}))
-            shutil.rmtree(self.checkpointer.dir, ignore_errors=True)
-        acc.wait_for_everyone()
-        self.logger.close()
+    def save_model(self, model: ActorCritic) -> None:
+        super().save_model(model)
+        torch.save(model.value_head.state_dict(), self.out / "value_head.pt")
 
 
 def run(cfg: PPOConfig) -> dict:
-    from heed.rules import load_reward
-
-    if (Path(cfg.out) / "ppo_state.json").exists():
-        print(f"{cfg.out}: already trained (ppo_state.json exists); delete the directory to train again")
-        return json.loads((Path(cfg.out) / "ppo_state.json").read_text())
-    prompts = read_prompts(cfg.prompts)
-    reward = load_reward(cfg.reward)
-    trainer = PPOTrainer(cfg, reward_fn=reward, prompts=prompts)
+    done = already_trained(cfg.out)
+    if done is not None:
+        return done
+    trainer = PPOTrainer(cfg, reward_fn=load_reward(cfg.reward), prompts=read_prompts(cfg.prompts),
+                         monitor=load_reward(cfg.monitor) if cfg.monitor else None)
     metrics = trainer.train()
     print(f"ppo: {cfg.steps} iterations; last score {metrics['reward/score']:.3f}, "
           f"KL {metrics['objective/kl']:.3f}, saved to {cfg.out}")

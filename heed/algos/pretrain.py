@@ -17,16 +17,23 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from heed.algos.common import LMExample, TrainConfig, train_lm
+from heed.algos.common import LMExample, OfflineConfig, train_lm
 from heed.config import option
 from heed.data import read_texts
-from heed.models import PRESETS, build_model, count_parameters, load_policy, load_tokenizer, save_model, \
-    train_tokenizer
+from heed.models import (
+    PRESETS,
+    build_model,
+    count_parameters,
+    load_policy,
+    load_tokenizer,
+    save_model,
+    train_tokenizer,
+)
 from heed.utils import HeedError, seed_everything
 
 
 @dataclass(kw_only=True)
-class PretrainConfig(TrainConfig):
+class PretrainConfig(OfflineConfig):
     corpus: str = option(help="text corpus: .txt (documents separated by blank lines) or JSONL with a text field")
     text_field: str = option("text", "the JSONL field holding each document")
     model: str = option("tiny", "preset (tiny, small) or a local HF model directory to continue training")

@@ -27,28 +27,27 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from heed.algos.common import Checkpointer, TrainConfig, global_batch, make_accelerator, make_optimizer
+from heed.algos.common import DONE_FILE, OfflineConfig, already_trained, train_offline
 from heed.config import option, save as save_config
-from heed.data import Feedback, Pair, Ranking, Rating, Thumb, read_feedback, read_rows, \
-    get_messages, get_str, write_jsonl
-from heed.losses import bradley_terry_loss, centering_loss, rating_loss, ranking_loss, thumbs_loss
-from heed.models import make_batch
-from heed.reward_model import META_FILE, RewardMember, RewardModel
+from heed.data import Feedback, Pair, Ranking, Rating, Thumb, read_feedback_files, responses_of
+from heed.losses import bradley_terry_loss, centering_loss, ranking_loss, rating_loss, thumbs_loss
+from heed.models import device_of, load_policy, load_tokenizer, make_batch
+from heed.reward_metrics import evaluate_rows, format_metrics
+from heed.reward_model import RewardMember, RewardModel
+from heed.rules import load_reward
 from heed.template import prompt_key
-from heed.utils import HeedError, MetricsLogger, progress, seed_everything
+from heed.utils import HeedError, seed_everything
 
 
 @dataclass(kw_only=True)
-class RewardTrainConfig(TrainConfig):
+class RewardTrainConfig(OfflineConfig):
     model: str = option(help="the SFT model: trunk initialisation, and the policy sampled for normalisation")
     data: list[str] = option(help="feedback files (JSONL, .jsonl.gz, Parquet, dataset dirs), comma-separated")
     format: str = option("auto", "feedback format of every file (auto: from the columns)",
@@ -64,6 +63,8 @@ class RewardTrainConfig(TrainConfig):
     max_response_len: int = option(96, "response tokens kept (EOS included)")
     norm_samples: int = option(256, "SFT samples on training prompts for the normalisation (0 = none)")
     norm_max_new_tokens: int = option(64, "token limit of those samples")
+    oracle: str | None = option(None, "also measure held-out accuracy against this rule's scores (module:function; "
+                                      "heed.rules:gold on the embedded world)")
     lr: float = option(1e-3, "peak learning rate (AdamW), warmed up then annealed to zero")
     warmup_steps: int = option(10, "linear warm-up steps")
     batch_size: int = option(32, "global batch size (feedback rows per optimiser step, all processes)")
@@ -76,15 +77,6 @@ class RewardTrainConfig(TrainConfig):
 # ---------------------------------------------------------------------------
 # Rows -> sequences -> losses
 # ---------------------------------------------------------------------------
-
-def responses_of(row) -> list[str]:
-    """The responses a row's loss needs rewards for, in a fixed order."""
-    if isinstance(row, Pair):
-        return [row.chosen, row.rejected]
-    if isinstance(row, Ranking):
-        return row.responses
-    return [row.response]
-
 
 def row_losses(rewards: torch.Tensor, rows: list, *, rating_mean: float = 0.0, rating_std: float = 1.0,
                center_coef: float = 0.0, use_margin: bool = True) -> torch.Tensor:
@@ -144,159 +136,8 @@ def flat_batch(tokenizer, rows: list, max_prompt_len: int, max_response_len: int
 
 
 # ---------------------------------------------------------------------------
-# Metrics: accuracy against labels and against the gold oracle, calibration
-# ---------------------------------------------------------------------------
-
-def comparisons(rows: list) -> list[tuple[int, int, float]]:
-    """(better response id, worse response id, weight) pairs the labels assert, over `unique_responses` ids.
-
-    Pairs (ties left out), every pair of a ranking, and for thumbs and ratings every
-    pair of responses to the same prompt with different labels.
-    """
-    ids = _response_ids(rows)
-    out: list[tuple[int, int, float]] = []
-    singles: dict[str, list[tuple[int, float]]] = {}
-    for row, row_ids in zip(rows, ids):
-        if isinstance(row, Pair):
-            if not row.tie:
-                out.append((row_ids[0], row_ids[1], 1.0))
-        elif isinstance(row, Ranking):
-            ordered = [row_ids[i] for i in row.ranking]
-            out += [(ordered[a], ordered[b], 1.0) for a in range(len(ordered)) for b in range(a + 1, len(ordered))]
-        else:
-            value = float(row.up) if isinstance(row, Thumb) else row.score
-            singles.setdefault(prompt_key(row.prompt), []).append((row_ids[0], value))
-    for group in singles.values():
-        for a in range(len(group)):
-            for b in range(a + 1, len(group)):
-                (ia, va), (ib, vb) = group[a], group[b]
-                if va != vb and ia != ib:
-                    out.append((ia, ib, 1.0) if va > vb else (ib, ia, 1.0))
-    return out
-
-
-def _response_ids(rows: list) -> list[list[int]]:
-    """For each row, an id per response into `unique_responses(rows)` (same prompt + text = same id)."""
-    index: dict[tuple[str, str], int] = {}
-    out = []
-    for row in rows:
-        key = prompt_key(row.prompt)
-        out.append([index.setdefault((key, r), len(index)) for r in responses_of(row)])
-    return out
-
-
-def unique_responses(rows: list) -> tuple[list, list[str]]:
-    """(prompts, responses) of every distinct (prompt, response) in `rows`, in id order."""
-    seen: dict[tuple[str, str], tuple] = {}
-    for row in rows:
-        key = prompt_key(row.prompt)
-        for r in responses_of(row):
-            seen.setdefault((key, r), (row.prompt, r))
-    return [p for p, _ in seen.values()], [r for _, r in seen.values()]
-
-
-def calibration_error(probs: Sequence[float], outcomes: Sequence[float], n_bins: int = 10) -> float:
-    """Expected calibration error (Guo et al. 2017) of binary predictions.
-
-    Each prediction's confidence is max(p, 1 - p), binned in [0.5, 1]; ECE is the
-    count-weighted mean over bins of |accuracy - mean confidence|.
-    """
-    bins: list[list[tuple[float, float]]] = [[] for _ in range(n_bins)]
-    for p, y in zip(probs, outcomes):
-        conf = max(p, 1 - p)
-        correct = y if p >= 0.5 else 1 - y
-        bins[min(n_bins - 1, int((conf - 0.5) * 2 * n_bins))].append((conf, correct))
-    n = sum(len(b) for b in bins)
-    return sum(len(b) / n * abs(sum(c for _, c in b) / len(b) - sum(f for f, _ in b) / len(b))
-               for b in bins if b) if n else float("nan")
-
-
-def gold_preferences(prompts: list, responses: list[str]) -> list[float] | None:
-    """The gold oracle's score of each response, or None when these are not the world's prompts."""
-    from heed.world import score
-
-    try:
-        return [float(score(p, r)) for p, r in zip(prompts, responses)]
-    except ValueError:
-        return None
-
-
-def feedback_metrics(rows: list, raw: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor,
-                     gold: list[float] | None = None) -> dict:
-    """Accuracy (against the labels and, given `gold` scores, the gold oracle) and calibration.
-
-    raw: (K, U) raw rewards of `unique_responses(rows)`. Rankings use the ensemble's
-    normalised mean; calibration uses P(a > b) = mean_k sigmoid(raw_k(a) - raw_k(b)).
-    """
-    mean = (raw * gain[:, None] + bias[:, None]).mean(0)  # (U,)
-    comps = comparisons(rows)
-    out: dict = {"n_rows": len(rows), "n_comparisons": len(comps)}
-    if comps:
-        better = torch.tensor([a for a, _, _ in comps])
-        worse = torch.tensor([b for _, b, _ in comps])
-        diff = mean[better] - mean[worse]
-        correct = (diff > 0).float() + 0.5 * (diff == 0).float()
-        out["accuracy"] = float(correct.mean())
-        probs = torch.sigmoid(raw[:, better] - raw[:, worse]).mean(0)
-        out["calibration_error"] = calibration_error(probs.tolist(), [1.0] * len(comps))
-        out["mean_prob_label"] = float(probs.mean())
-    if gold is not None:
-        ids = _response_ids(rows)
-        pairs = set()
-        for row, row_ids in zip(rows, ids):
-            if isinstance(row, (Pair, Ranking)):
-                pairs.update((a, b) for i, a in enumerate(row_ids) for b in row_ids[i + 1:] if a != b)
-        singles: dict[str, list[int]] = {}
-        for row, row_ids in zip(rows, ids):
-            if isinstance(row, (Thumb, Rating)):
-                singles.setdefault(prompt_key(row.prompt), []).append(row_ids[0])
-        for group in singles.values():
-            group = sorted(set(group))
-            pairs.update((a, b) for i, a in enumerate(group) for b in group[i + 1:])
-        decided = [(a, b) if gold[a] > gold[b] else (b, a) for a, b in sorted(pairs) if abs(gold[a] - gold[b]) > 1e-9]
-        out["gold_pairs"] = len(decided)
-        if decided:
-            diff = torch.tensor([float(mean[a] - mean[b]) for a, b in decided])
-            out["gold_accuracy"] = float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
-        if comps:  # how often the labels themselves agree with gold: the ceiling noisy labels give
-            agree = [1.0 if gold[a] > gold[b] else 0.5 if abs(gold[a] - gold[b]) <= 1e-9 else 0.0
-                     for a, b, _ in comps]
-            out["label_gold_agreement"] = sum(agree) / len(agree)
-    return out
-
-
-@torch.no_grad()
-def score_texts(members: Sequence[RewardMember], tokenizer, prompts: list, responses: list[str], *,
-                max_prompt_len: int, max_response_len: int, batch_size: int = 64) -> torch.Tensor:
-    """(K, N) raw rewards; a thin wrapper so training-time evaluation and RewardModel agree."""
-    rm = RewardModel(list(members), tokenizer, max_prompt_len=max_prompt_len, max_response_len=max_response_len)
-    was = [m.training for m in members]
-    raw = rm.raw_scores(prompts, responses, batch_size=batch_size)
-    for m, w in zip(members, was):
-        m.train(w)
-    return raw
-
-
-def evaluate_rows(members, tokenizer, rows: list, cfg_like, gain=None, bias=None, *, with_gold: bool = True) -> dict:
-    prompts, responses = unique_responses(rows)
-    raw = score_texts(members, tokenizer, prompts, responses, max_prompt_len=cfg_like.max_prompt_len,
-                      max_response_len=cfg_like.max_response_len, batch_size=max(8, cfg_like.micro_batch_size * 2))
-    K = len(members)
-    gain = torch.ones(K) if gain is None else gain.cpu()
-    bias = torch.zeros(K) if bias is None else bias.cpu()
-    gold = gold_preferences(prompts, responses) if with_gold else None
-    return feedback_metrics(rows, raw, gain, bias, gold)
-
-
-# ---------------------------------------------------------------------------
 # heed rm train
 # ---------------------------------------------------------------------------
-
-def read_all(paths: Sequence[str], fmt: str, skip_invalid: bool) -> list[Feedback]:
-    if not paths:
-        raise HeedError("no feedback files given (--data)")
-    return [read_feedback(p, format=fmt, skip_invalid=skip_invalid) for p in paths]
-
 
 def split_by_prompt(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, held-out): a seeded `fraction` of the distinct prompts, with all their rows, is held out."""
@@ -310,80 +151,39 @@ def split_by_prompt(rows: list, fraction: float, seed: int) -> tuple[list, list]
 
 
 def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, heldout_rows: list,
-                 rating_stats: tuple[float, float], logger_out: Path) -> None:
-    """Train ensemble member k on its resample of `train_rows`; saves to out/member_k."""
+                 rating_stats: tuple[float, float]) -> None:
+    """Train ensemble member k on its resample of `train_rows` (the loop of
+    heed/algos/common.py:train_offline); saves to out/member_k."""
     member_dir = Path(cfg.out) / f"member_{k}"
-    if (member_dir / "head.safetensors").exists():
-        print(f"member {k}: already trained ({member_dir})")
-        return
     if cfg.ensemble > 1 and cfg.bootstrap:
         rng = random.Random(cfg.seed * 1000 + k)
         rows = [train_rows[rng.randrange(len(train_rows))] for _ in train_rows]
     else:
         rows = train_rows
-    total_steps = max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
-    member = RewardMember.from_policy(cfg.model, seed=cfg.seed * 1000 + k)
-    accelerator = make_accelerator(cfg)
-    optimizer, scheduler = make_optimizer(member, cfg, total_steps)
-    member, optimizer, scheduler = accelerator.prepare(member, optimizer, scheduler)
-    checkpointer = Checkpointer(accelerator, member_dir)
-    start = checkpointer.load()["step"]
-    logger = MetricsLogger(logger_out, enabled=accelerator.is_main_process)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.batch_size % world:
-        raise HeedError(f"batch_size {cfg.batch_size} must divide evenly across {world} processes")
     rating_mean, rating_std = rating_stats
 
-    member.train()
-    bar = progress(range(start, total_steps), desc=f"rm member {k}", disable=not accelerator.is_main_process,
-                   unit="step")
-    for step in bar:
-        batch_rows = global_batch(rows, step, cfg.batch_size, seed=cfg.seed * 1000 + k * 100)  # per member
-        local = batch_rows[rank::world]
-        micro = [local[i:i + cfg.micro_batch_size] for i in range(0, len(local), cfg.micro_batch_size)]
-        loss_sum = 0.0
-        for j, chunk in enumerate(micro):
-            batch = flat_batch(tokenizer, chunk, cfg.max_prompt_len, cfg.max_response_len).to(accelerator.device)
-            sync = j == len(micro) - 1
-            with nullcontext() if sync else accelerator.no_sync(member):
-                with accelerator.autocast():
-                    rewards = member(batch.input_ids, batch.attention_mask)
-                losses = row_losses(rewards.float(), chunk, rating_mean=rating_mean, rating_std=rating_std,
-                                    center_coef=cfg.center_coef, use_margin=cfg.use_margin)
-                # DDP averages over ranks: scale so the gradient is that of the global row mean.
-                accelerator.backward(losses.sum() * world / len(batch_rows))
-            loss_sum += float(losses.detach().sum())
-        grad_norm = accelerator.clip_grad_norm_(member.parameters(), cfg.max_grad_norm) \
-            if cfg.max_grad_norm > 0 else torch.tensor(0.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum")) / len(batch_rows)
-        metrics = {"member": k, "train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
-                   "train/grad_norm": float(grad_norm)}
-        done = step + 1
-        if heldout_rows and (done % cfg.eval_every == 0 or done == total_steps) and accelerator.is_main_process:
-            ev = evaluate_rows([accelerator.unwrap_model(member)], tokenizer, heldout_rows, cfg, with_gold=False)
-            metrics.update({f"eval/{name}": v for name, v in ev.items() if name in ("accuracy", "calibration_error")})
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{ev.get('accuracy', float('nan')):.3f}")
-        else:
-            bar.set_postfix(loss=f"{loss:.3f}")
-        logger.log(done, **metrics)
-        if done % cfg.save_every == 0 and done < total_steps:
-            checkpointer.save(done)
-    bar.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(checkpointer.dir, ignore_errors=True)
-        accelerator.unwrap_model(member).save(member_dir)  # head.safetensors last: the "done" mark
-    accelerator.wait_for_everyone()
-    logger.close()
+    def loss(member, chunk: list):
+        batch = flat_batch(tokenizer, chunk, cfg.max_prompt_len, cfg.max_response_len).to(device_of(member))
+        rewards = member(batch.input_ids, batch.attention_mask)
+        return row_losses(rewards.float(), chunk, rating_mean=rating_mean, rating_std=rating_std,
+                          center_coef=cfg.center_coef, use_margin=cfg.use_margin).sum(), {}
+
+    def evaluate(member) -> dict:
+        ev = evaluate_rows([member], tokenizer, heldout_rows, cfg)
+        return {f"eval/{name}": ev[name] for name in ("accuracy", "calibration_error") if name in ev}
+
+    if already_trained(member_dir) is not None:
+        return
+    total_steps = max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
+    train_offline(RewardMember.from_policy(cfg.model, seed=cfg.seed * 1000 + k), rows, cfg, total_steps,
+                  stage=f"rm member {k}", loss=loss, evaluate=evaluate if heldout_rows else None,
+                  save=lambda member: member.save(member_dir), data_seed=cfg.seed * 1000 + k * 100,
+                  run_dir=member_dir, log_dir=cfg.out, tags={"member": k})
 
 
 def sft_samples(cfg: RewardTrainConfig, prompts: list) -> tuple[list, list[str]]:
     """Responses of the SFT policy on (a seeded choice of) training prompts, for normalisation."""
     from heed.generate import generate
-    from heed.models import load_policy
 
     distinct = list({prompt_key(p): p for p in prompts}.values())
     random.Random(cfg.seed).shuffle(distinct)
@@ -397,24 +197,25 @@ def sft_samples(cfg: RewardTrainConfig, prompts: list) -> tuple[list, list[str]]
 
 
 def describe(feedbacks: Sequence[Feedback]) -> str:
-    return ", ".join(f"{Path(f.path).name}: {len(f.rows)} {f.format}" + (f" ({f.skipped} skipped)" if f.skipped else "")
+    return ", ".join(f"{Path(f.path).name}: {len(f.rows)} {f.format}"
+                     + (f" ({f.skipped} skipped)" if f.skipped else "")
                      + (f" ({f.unused} both_bad unused)" if f.unused else "") for f in feedbacks)
 
 
 def train(cfg: RewardTrainConfig) -> dict:
     out = Path(cfg.out)
-    if (out / META_FILE).exists():
-        print(f"{out}: already trained ({META_FILE} exists); delete the directory to train again")
-        return json.loads((out / META_FILE).read_text()).get("heldout", {})
+    done = already_trained(out)
+    if done is not None:
+        return done
     if cfg.ensemble < 1:
         raise HeedError("--ensemble must be at least 1")
     t0 = time.time()
     seed_everything(cfg.seed)
     # 1. feedback
-    feedbacks = read_all(cfg.data, cfg.format, cfg.skip_invalid)
+    feedbacks = read_feedback_files(cfg.data, cfg.format, cfg.skip_invalid)
     rows = [r for f in feedbacks for r in f.rows]
     if cfg.eval_data:
-        heldout_feedbacks = read_all(cfg.eval_data, cfg.format, cfg.skip_invalid)
+        heldout_feedbacks = read_feedback_files(cfg.eval_data, cfg.format, cfg.skip_invalid)
         train_rows, heldout_rows = rows, [r for f in heldout_feedbacks for r in f.rows]
     else:
         train_rows, heldout_rows = split_by_prompt(rows, cfg.eval_fraction, cfg.seed)
@@ -431,12 +232,10 @@ def train(cfg: RewardTrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 
-    from heed.models import load_tokenizer
-
     tokenizer = load_tokenizer(cfg.model)
     # 2-3. members
     for k in range(cfg.ensemble):
-        train_member(k, cfg, tokenizer, train_rows, heldout_rows, rating_stats, out)
+        train_member(k, cfg, tokenizer, train_rows, heldout_rows, rating_stats)
     from accelerate import PartialState
 
     state = PartialState()
@@ -458,125 +257,14 @@ def train(cfg: RewardTrainConfig) -> dict:
                   f"std {stats['std_after']:.3f})")
         # 5. held-out report, then save
         if heldout_rows:
-            result = evaluate_rows(members, tokenizer, heldout_rows, cfg, rm.gain, rm.bias)
+            oracle = load_reward([cfg.oracle]) if cfg.oracle else None
+            result = evaluate_rows(members, tokenizer, heldout_rows, cfg, rm.gain, rm.bias, oracle=oracle)
             rm.info["heldout"] = result
         rm.info["train_seconds"] = round(time.time() - t0, 1)
         rm.save(out)
+        (out / DONE_FILE).write_text(json.dumps(result))
         print(f"rm: saved to {out} in {time.time() - t0:.0f}s")
         if result:
             print(format_metrics(result, "held-out"))
     state.wait_for_everyone()
     return result
-
-
-def format_metrics(m: dict, name: str) -> str:
-    parts = [f"{name}: {m['n_rows']} rows, {m['n_comparisons']} comparisons"]
-    if "accuracy" in m:
-        parts.append(f"accuracy {m['accuracy']:.3f}, calibration error {m['calibration_error']:.3f}")
-    if "gold_accuracy" in m:
-        parts.append(f"accuracy vs gold {m['gold_accuracy']:.3f} on {m['gold_pairs']} pairs "
-                     f"(labels agree with gold on {m.get('label_gold_agreement', float('nan')):.3f})")
-    return "; ".join(parts)
-
-
-# ---------------------------------------------------------------------------
-# heed rm eval
-# ---------------------------------------------------------------------------
-
-@dataclass
-class RewardEvalConfig:
-    model: str = option(help="reward model directory (from `heed rm train`)")
-    data: list[str] = option(help="feedback files to evaluate on (any format), comma-separated")
-    format: str = option("auto", "feedback format of every file (auto: from the columns)",
-                         choices=("auto", "pairs", "hh", "chat", "rankings", "thumbs", "ratings"))
-    batch_size: int = option(64, "sequences scored together")
-    gold: bool = option(True, "also report accuracy against the embedded world's gold oracle (world prompts only)")
-    out: str | None = option(None, "write the metrics as JSON here")
-    skip_invalid: bool = option(False, "skip and count malformed rows instead of stopping")
-
-
-def evaluate(cfg: RewardEvalConfig) -> dict:
-    """Pairwise accuracy, calibration and (on the world) gold accuracy, per file and overall."""
-    rm = RewardModel.load(cfg.model)
-    feedbacks = read_all(cfg.data, cfg.format, cfg.skip_invalid)
-    result: dict = {"model": cfg.model, "files": {}, "counts": {}}
-    all_rows = []
-    for f in feedbacks:
-        all_rows += f.rows
-        result["counts"][f.format] = result["counts"].get(f.format, 0) + len(f.rows)
-        if f.skipped:
-            result["counts"]["skipped"] = result["counts"].get("skipped", 0) + f.skipped
-    prompts, responses = unique_responses(all_rows)
-    raw_all = rm.raw_scores(prompts, responses, batch_size=cfg.batch_size)
-    gold_all = gold_preferences(prompts, responses) if cfg.gold else None
-    position = {(prompt_key(p), r): i for i, (p, r) in enumerate(zip(prompts, responses))}
-
-    def metrics_for(rows: list) -> dict:
-        p, r = unique_responses(rows)
-        idx = [position[(prompt_key(a), b)] for a, b in zip(p, r)]
-        gold = [gold_all[i] for i in idx] if gold_all is not None else None
-        return feedback_metrics(rows, raw_all[:, idx], rm.gain.cpu(), rm.bias.cpu(), gold)
-
-    for f in feedbacks:
-        result["files"][f.path] = {"format": f.format, **metrics_for(f.rows)}
-        print(format_metrics(result["files"][f.path], f"{f.path} ({f.format})"))
-    result["overall"] = metrics_for(all_rows)
-    if len(feedbacks) > 1:
-        print(format_metrics(result["overall"], "overall"))
-    print("counts: " + ", ".join(f"{k} {v}" for k, v in result["counts"].items()))
-    if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(result, indent=2))
-    return result
-
-
-# ---------------------------------------------------------------------------
-# heed rm score
-# ---------------------------------------------------------------------------
-
-@dataclass
-class RewardScoreConfig:
-    data: str = option(help="JSONL/Parquet rows with 'prompt' and 'response' (other fields are kept)")
-    out: str = option(help="output JSONL: the rows with a reward column added")
-    model: str | None = option(None, "reward model directory (shorthand for --reward DIR)")
-    reward: list[str] = option([], "reward terms [WEIGHT*]TARGET: a reward-model dir, module:function or "
-                                   "file.py:function, comma-separated; summed with their weights")
-    column: str = option("reward", "name of the added column")
-    batch_size: int = option(64, "rows scored together")
-    skip_invalid: bool = option(False, "skip and count malformed rows instead of stopping")
-
-
-def score(cfg: RewardScoreConfig) -> list[dict]:
-    from heed.rules import load_reward
-
-    specs = ([cfg.model] if cfg.model else []) + list(cfg.reward)
-    reward = load_reward(specs)
-
-    def parse(row: dict) -> dict:
-        if isinstance(row.get("prompt"), list):
-            get_messages(row, "prompt")
-        else:
-            get_str(row, "prompt")
-        get_str(row, "response", allow_empty=True)
-        return row
-
-    rows = read_rows(cfg.data, parse, skip_invalid=cfg.skip_invalid, what="prompt/response rows")
-    multi_member = any(rm.n_members > 1 for _, _, rm in reward.models)
-    out_rows = []
-    for start in range(0, len(rows), cfg.batch_size):
-        chunk = rows[start:start + cfg.batch_size]
-        prompts, responses = [r["prompt"] for r in chunk], [r["response"] for r in chunk]
-        total, parts, stds = reward.score(prompts, responses, batch_size=cfg.batch_size)
-        # One ensemble alone: its spread is the reward's uncertainty, worth a column.
-        ensemble_std = next(iter(stds.values())) if len(parts) == 1 and stds and multi_member else None
-        for i, row in enumerate(chunk):
-            row = dict(row)
-            row[cfg.column] = total[i]
-            if ensemble_std is not None:
-                row[f"{cfg.column}_std"] = ensemble_std[i]
-            if len(parts) > 1:
-                row[f"{cfg.column}_terms"] = {name: values[i] for name, values in parts.items()}
-            out_rows.append(row)
-    write_jsonl(cfg.out, out_rows)
-    print(f"scored {len(out_rows)} rows to {cfg.out}")
-    return out_rows

@@ -14,7 +14,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from heed.algos.common import LMExample, TrainConfig, train_lm
+from heed.algos.common import LMExample, OfflineConfig, train_lm
 from heed.config import option
 from heed.data import read_demos
 from heed.models import encode_prompts, encode_responses, load_policy, save_model
@@ -22,7 +22,7 @@ from heed.utils import seed_everything
 
 
 @dataclass(kw_only=True)
-class SFTConfig(TrainConfig):
+class SFTConfig(OfflineConfig):
     model: str = option(help="the model to fine-tune: a local Hugging Face causal-LM directory")
     data: str = option(help="demonstrations: JSONL/Parquet of {prompt, response} or {messages: [...]}")
     eval_data: str | None = option(None, "held-out demonstrations (default: a split of --data)")

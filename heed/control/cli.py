@@ -57,7 +57,8 @@ class ControlTrainConfig:
     seed: int = option(0, "random seed (environment, agent, reward model, queries)")
     reward: str = option("learned", "train on the learned reward from preferences, or only on the true reward",
                          choices=("learned", "true"))
-    baseline: bool = option(True, "also train the same algorithm on the true reward for the same steps, and report the ratio")
+    baseline: bool = option(True, "also train the same algorithm on the true reward for the same steps, "
+                                  "and report the ratio")
     algo: str = option("sac", "Stable-Baselines3 policy optimiser", choices=("sac", "td3", "ppo", "a2c"))
     total_timesteps: int = option(10000, "environment steps for the agent (warm-up included)")
     initial_steps: int = option(1000, "warm-up steps of random actions before RL; the initial labels come from them")

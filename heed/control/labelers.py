@@ -114,7 +114,8 @@ class HumanLabeler:
         if not len(pairs):
             return
         if pairs.frames0 is None or pairs.frames1 is None:
-            raise HeedError("human labelling needs rendered clips; the environment must support render_mode='rgb_array'")
+            raise HeedError("human labelling needs rendered clips; "
+                            "the environment must support render_mode='rgb_array'")
         items = []
         for i in range(len(pairs)):
             item_id = f"control-{self.run_id}-{self._n:06d}"

@@ -83,7 +83,8 @@ def write_html(report: dict, out_dir: str | Path) -> Path:
     rows = read_metrics(out_dir)
     esc = html.escape
     table = []
-    for run, name in (("learned", "learned reward (preferences)"), ("true", "true reward"), ("random", "random policy")):
+    for run, name in (("learned", "learned reward (preferences)"), ("true", "true reward"),
+                      ("random", "random policy")):
         if run in report:
             r = report[run]
             table.append(f"<tr><td>{esc(name)}</td><td>{r['return_mean']:.1f} ± {r['return_std']:.1f}</td>"
@@ -93,7 +94,8 @@ def write_html(report: dict, out_dir: str | Path) -> Path:
     if "normalised_score" in report:
         summary = (f"<p><b>Normalised score</b> (R<sub>learned</sub> − R<sub>random</sub>) / (R<sub>true</sub> − "
                    f"R<sub>random</sub>) = <b>{report['normalised_score']:.3f}</b>; return ratio (1 = parity; "
-                   f"R<sub>true</sub>/R<sub>learned</sub> when returns are negative) = {report['return_ratio']:.3f}.</p>")
+                   f"R<sub>true</sub>/R<sub>learned</sub> when returns are negative) = "
+                   f"{report['return_ratio']:.3f}.</p>")
     imgs = "".join(f"<h2>{esc(t)}</h2><img src='data:image/png;base64,{b}'>" for t, b in figures(report, rows))
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>heed control: {esc(report['env'])}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:760px;margin:2em auto;color:#222}}

@@ -32,11 +32,11 @@ from typing import Any
 from urllib.parse import quote
 
 import jinja2
-from markupsafe import escape
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markupsafe import escape
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -226,7 +226,8 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
     def check_csrf(request: Request, token: str, given: str | None) -> None:
         """Only a cookie is sent by the browser on its own; a bearer token is proof enough."""
         _, from_cookie = request_token(request)
-        if from_cookie and not (isinstance(given, str) and hmac.compare_digest(given.encode(), csrf_for(token).encode())):
+        if from_cookie and not (isinstance(given, str)
+                                and hmac.compare_digest(given.encode(), csrf_for(token).encode())):
             raise Refused(403, "missing or invalid CSRF token; reload the page and try again")
 
     @app.exception_handler(NeedLogin)
@@ -295,7 +296,8 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
             if isinstance(r, str):
                 out.append({"text": r})
             else:
-                out.append({"media": f"/media/{item['seq']}/{k}", "type": MEDIA_TYPES[Path(r["media"]).suffix.lower()]})
+                out.append({"media": f"/media/{item['seq']}/{k}",
+                            "type": MEDIA_TYPES[Path(r["media"]).suffix.lower()]})
         return out
 
     @app.get("/")
@@ -379,7 +381,8 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
         rm = reward_model_agreement(answers, items) if reward_model_name else None
         comments = [a for a in answers if a["comment"]][-20:][::-1]
         ctx = {"user": user, "csrf": csrf_for(token), "overview": store.overview(),
-               "agreement": {kind: r for kind, r in agreement_report(answers).items() if r["units"]}, "rm": rm, "rm_name": reward_model_name,
+               "agreement": {kind: r for kind, r in agreement_report(answers).items() if r["units"]},
+               "rm": rm, "rm_name": reward_model_name,
                "scorer_error": getattr(scorer, "error", None), "comments": comments,
                "kinds": list(EXPORT_KINDS), "has_guidelines": guidelines_html is not None,
                "counts": {kind: sum(a["kind"] == k and a["choice"] != "skip" for a in answers)

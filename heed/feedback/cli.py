@@ -114,7 +114,7 @@ def _start_active_selection(store, path: str):
     if not Path(path).is_dir():
         raise HeedError(f"{path}: reward model directory not found")
     try:
-        from heed.models import load_reward_model
+        from heed.reward_model import load_reward_model
 
         rm = load_reward_model(path)
     except ImportError as e:  # the reward-model code is an optional part of an install

@@ -13,8 +13,8 @@ read a claim's attribute from the word alone ("red" is always a colour).
 from __future__ import annotations
 
 import random
-from functools import lru_cache
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 KB_SEED = "heed-world-kb-v1"  # a constant: changing it changes the truth the oracle scores against
 N_ENTITIES = 48

@@ -24,8 +24,7 @@ from __future__ import annotations
 import random
 
 from heed.world.kb import ATTRIBUTES, BY_NAME, ENTITIES, Entity
-from heed.world.lexicon import (FILLER_SENTENCES, HARSH_ADJECTIVES, HARSH_SENTENCES, POSITIVE_ADJECTIVES,
-                                article)
+from heed.world.lexicon import FILLER_SENTENCES, HARSH_ADJECTIVES, HARSH_SENTENCES, POSITIVE_ADJECTIVES, article
 from heed.world.tasks import Task, list_tasks, universe
 
 BEHAVIOURS = ("good", "off_topic", "wrong_facts", "wrong_tone", "rambling", "repetition", "no_end")
