@@ -157,6 +157,16 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
 
 
+def ppo_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """PPO's per-token rewards for a language model (Ziegler et al. 2019, sec. 2.2; Stiennon et al.
+    2020, eq. 2): -kl_coef * KL_t on every response token (`kl` already masked), and each
+    sequence's score (B,) added at its last response token. (B, T)."""
+    rewards = -kl_coef * kl
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
+    rewards[torch.arange(len(last)), last] += scores
+    return rewards
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over right-padded tokens.

@@ -105,10 +105,20 @@ def load_policy(path: str | Path, *, dtype: torch.dtype = torch.float32):
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout makes log-probs of the same tokens differ between passes; RLHF turns it off."""
+    """Dropout makes log-probs of the same tokens differ between passes; RLHF turns it off:
+    dropout modules, the functional rates attention layers keep (Llama's `attention_dropout`),
+    and the config's rates, so a saved model stays without it."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in config.to_dict().items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, 0.0)
 
 
 def save_model(model, tokenizer, out_dir: str | Path, **extra_json) -> None:

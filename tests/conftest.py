@@ -31,3 +31,13 @@ def tiny_base(world_dir, tmp_path_factory):
                        micro_batch_size=16, seq_len=64, vocab_size=600, eval_every=15, save_every=1000,
                        warmup_steps=5))
     return out
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """`heed demo --quick` once per session: the directory every stage wrote into."""
+    from heed.cli import main
+
+    out = tmp_path_factory.mktemp("quick_demo") / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out

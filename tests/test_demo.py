@@ -12,9 +12,8 @@ from heed.cli import main
 
 
 @pytest.mark.slow
-def test_quick_demo_writes_the_promised_report(tmp_path):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+def test_quick_demo_writes_the_promised_report(quick_demo):
+    out = quick_demo
     report = json.loads((out / "report.json").read_text())
     assert report["elapsed_s"] > 0 and report["quick"] is True
     for stage in ("base", "sft", "ppo"):

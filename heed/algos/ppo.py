@@ -15,7 +15,8 @@ heed/algos/online.py shares with GRPO and RLOO (steps 1-2 and the minibatch loop
               policy loss + vf_coef * clipped value loss; learning rate annealed to zero
  7. adapt     the KL coefficient, by Ziegler et al.'s proportional controller
 
-The checklist of Huang et al. (2023), "The N Implementation Details of RLHF with PPO":
+The checklist of Huang et al. (2023), "The N Implementation Details of RLHF with PPO"
+(docs/ppo.md has it as a table, with the test of each item):
 - reward at the last real token: the reward model reads it (heed/reward_model.py), and
   the score is added at the last response token here                              done
 - pad token distinct from EOS (heed/models.py)                                      done
@@ -24,7 +25,8 @@ The checklist of Huang et al. (2023), "The N Implementation Details of RLHF with
 - dropout off in policy, reference, value and reward models (models.disable_dropout) done
 - reward normalisation: gain/bias on SFT samples (reward model, and again here on
   the first rollout so rule rewards are normalised too; `--no-normalize-reward`)    done
-- per-token KL penalty, score at the final token; k1 (default) and k3 estimators    done
+- per-token KL penalty, score at the final token (losses.ppo_token_rewards);
+  k1 (default) and k3 estimators                                                    done
 - adaptive KL controller (init coef, target, horizon, clipped error)                done
 - EOS trick: `missing_eos_penalty` for responses that never end                      done
 - gamma = 1, lambda = 0.95                                                           done
@@ -54,7 +56,16 @@ from heed.algos.common import already_trained
 from heed.algos.online import OnlineTrainer, Rollout, RolloutConfig, iteration_seed
 from heed.config import option
 from heed.data import read_prompts
-from heed.losses import gae, kl_penalty, masked_mean, masked_var, masked_whiten, ppo_policy_loss, ppo_value_loss
+from heed.losses import (
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_token_rewards,
+    ppo_value_loss,
+)
 from heed.models import Batch, collate, encode_prompts, encode_responses, forward_hidden, token_logprobs
 from heed.rules import load_reward
 
@@ -166,9 +177,7 @@ class PPOTrainer(OnlineTrainer):
         cfg, mask = self.cfg, exp.mask
         # 3. per-token KL penalty; the score joins at the last response token
         kl = kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * mask
-        rewards = -self.kl_ctl.value * kl
-        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
-        rewards[torch.arange(len(last)), last] += exp.scores
+        rewards = ppo_token_rewards(exp.scores, kl, mask, self.kl_ctl.value)
         # 4. whitening (rewards optional, scale only)
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
