@@ -22,8 +22,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from heed.algos.dpo import DPOConfig, run as dpo_run
+from heed.algos.grpo import GRPOConfig, RLOOConfig, run_grpo
+from heed.algos.ppo import PPOConfig, run as ppo_run
+from heed.algos.pretrain import PretrainConfig, run as pretrain_run
+from heed.algos.rebel import REBELConfig, run as rebel_run
+from heed.algos.reward import RewardTrainConfig, train as rm_train
+from heed.algos.sft import SFTConfig, run as sft_run
 from heed.config import option
+from heed.data import read_prompts, write_jsonl
+from heed.evaluate import criteria_lost, gold_scores, kl_to, mean_se, summarise, win_rate
+from heed.generate import generate
+from heed.label_oracle import group_by_prompt, label
+from heed.models import load_policy
+from heed.report import render_html, training_plots
 from heed.utils import HeedError, PeakMemory, atomic_write_text, read_metrics
+from heed.world import SimulatedLabeler, write_world
 
 ALGOS = ("ppo", "dpo", "rebel", "grpo", "rloo")
 
@@ -55,6 +69,41 @@ class DemoConfig:
     bf16: bool = option(False, "bf16 autocast in every training stage")
 
 
+def train_algo(name: str, *, sft_dir, world_dir, labels_path, rm_dir, out_dir, seed: int = 0,
+               quick: bool = False) -> Path:
+    """Train `name` (dpo, rebel, grpo or rloo) at the default budgets into `out_dir`; return it.
+
+    Every algorithm starts from the same SFT policy and sees the same human data: DPO trains
+    on the labelled pairs directly; REBEL, GRPO and RLOO optimise the reward model trained
+    on those same labels, on the world's training prompts, with the gold oracle logged as
+    their monitor. `quick` is a smoke-test budget that runs in seconds. A directory that
+    already holds a finished run is returned as it is, so a rerun of the demo resumes.
+    """
+    out = Path(out_dir)
+    prompts = str(Path(world_dir) / "prompts_train.jsonl")
+    common = dict(policy=str(sft_dir), out=str(out), seed=seed)
+    online = dict(prompts=prompts, reward=[str(rm_dir)], monitor=["heed.rules:gold"], **common)
+    if name == "dpo":
+        cfg = DPOConfig(data=[str(labels_path)], **common)
+        if quick:
+            cfg.limit, cfg.epochs, cfg.batch_size, cfg.micro_batch_size = 64, 1.0, 16, 16
+        dpo_run(cfg)
+    elif name == "rebel":
+        cfg = REBELConfig(**online)
+        if quick:
+            cfg.iterations, cfg.prompts_per_iteration, cfg.n, cfg.max_new_tokens = 2, 8, 2, 16
+        rebel_run(cfg)
+    elif name in ("grpo", "rloo"):
+        cfg = (GRPOConfig if name == "grpo" else RLOOConfig)(**online)
+        if quick:
+            cfg.steps, cfg.prompts_per_iteration, cfg.n, cfg.max_new_tokens = 2, 4, 2, 16
+            cfg.mini_batch_size = cfg.micro_batch_size = 8
+        run_grpo(cfg)
+    else:
+        raise ValueError(f"unknown algorithm {name!r} (choose from dpo, rebel, grpo, rloo)")
+    return out
+
+
 def _quick(cfg: DemoConfig) -> DemoConfig:
     """The smoke-test budgets (`--quick`)."""
     return DemoConfig(out=cfg.out, quick=True, seed=cfg.seed, habits=cfg.habits, preset=cfg.preset,
@@ -80,18 +129,6 @@ class Stages:
 
 
 def run(cfg: DemoConfig) -> dict:
-    from heed.algos.ppo import PPOConfig, run as ppo_run
-    from heed.algos.pretrain import PretrainConfig, run as pretrain_run
-    from heed.algos.reward import RewardTrainConfig, train as rm_train
-    from heed.algos.sft import SFTConfig, run as sft_run
-    from heed.data import read_prompts, write_jsonl
-    from heed.evaluate import criteria_lost, gold_scores, kl_to, mean_se, summarise, win_rate
-    from heed.generate import generate
-    from heed.label_oracle import group_by_prompt, label
-    from heed.models import load_policy
-    from heed.report import render_html, training_plots
-    from heed.world import SimulatedLabeler, write_world
-
     if cfg.eval_split not in ("heldout", "valid"):
         raise HeedError(f"--eval-split must be heldout or valid, got {cfg.eval_split!r}")
     unknown = [a for a in cfg.algos if a not in ALGOS]
@@ -169,8 +206,6 @@ def run(cfg: DemoConfig) -> dict:
                     ppo_cfg.prompts_per_iteration, ppo_cfg.mini_batch_size, ppo_cfg.micro_batch_size = 16, 8, 8
                 ppo_run(ppo_cfg)
             else:
-                from heed.algos.compare import train_algo
-
                 train_algo(algo, sft_dir=out / "sft", world_dir=world, labels_path=labels_path, rm_dir=out / "rm",
                            out_dir=out / algo, seed=cfg.seed, quick=cfg.quick)
         peaks[algo] = peak.peak_mib

@@ -28,6 +28,8 @@ from heed.data import read_prompts
 from heed.generate import Sample, generate
 from heed.models import collate, load_policy, token_logprobs
 from heed.utils import HeedError, atomic_write_text, seed_everything
+from heed.world import score, score_breakdown
+from heed.world.oracle import WEIGHTS
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -52,17 +54,12 @@ def _judge(oracle, prompts: Sequence, responses: Sequence[str]) -> list:
 
 def gold_scores(prompts: Sequence, responses: Sequence[str]) -> list[float]:
     """The embedded world's gold oracle on each (prompt, response)."""
-    from heed.world import score
-
     return [float(s) for s in _judge(score, prompts, responses)]
 
 
 def criteria_lost(prompts: Sequence, responses: Sequence[str]) -> dict[str, float]:
     """Per criterion of the gold oracle (in `WEIGHTS` order), the share of responses losing
     points on it: scoring below the criterion's weight by more than 1e-9. NaN with no responses."""
-    from heed.world import score_breakdown
-    from heed.world.oracle import WEIGHTS
-
     breakdowns = _judge(score_breakdown, prompts, responses)
     n = len(breakdowns)
     return {c: sum(b[c] < w - 1e-9 for b in breakdowns) / n if n else float("nan")

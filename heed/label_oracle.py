@@ -24,6 +24,7 @@ from heed.config import option
 from heed.data import get_prompt, get_str, read_rows, write_jsonl
 from heed.template import prompt_key
 from heed.utils import HeedError
+from heed.world import SimulatedLabeler
 
 KINDS = ("pairs", "rankings", "thumbs", "ratings")
 
@@ -88,8 +89,6 @@ def label(groups: list[tuple], kind: str, labeler, *, k: int = 4, budget: int = 
 
 
 def run(cfg: OracleLabelConfig) -> list[dict]:
-    from heed.world import SimulatedLabeler
-
     if cfg.kind not in KINDS:
         raise HeedError(f"--kind must be one of {', '.join(KINDS)}, got {cfg.kind!r}")
     if cfg.kind == "rankings" and cfg.k < 2:

@@ -33,7 +33,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from heed.models import Batch, disable_dropout, forward_hidden, last_token_index, load_tokenizer, make_batch
+from heed.models import (
+    Batch,
+    disable_dropout,
+    forward_hidden,
+    last_token_index,
+    load_policy,
+    load_tokenizer,
+    make_batch,
+)
 from heed.utils import HeedError, atomic_write_text
 
 META_FILE = "reward_model.json"
@@ -58,8 +66,6 @@ class RewardMember(nn.Module):
     @classmethod
     def from_policy(cls, path: str | Path, *, seed: int = 0) -> "RewardMember":
         """A new member whose trunk is the causal LM at `path` (its LM head is dropped)."""
-        from heed.models import load_policy
-
         model, _ = load_policy(path)
         return cls(model.base_model, seed=seed)
 

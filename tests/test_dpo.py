@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from heed.algos.dpo import DPOConfig, read_pairs, run
-from heed.data import write_jsonl
+from heed.algos.dpo import DPOConfig, run
+from heed.data import read_preference_pairs, write_jsonl
 from heed.models import batched_sequence_logprobs, load_policy
 from heed.utils import HeedError
 
@@ -23,15 +23,15 @@ def test_read_pairs_takes_every_pairwise_format_and_drops_ties(tmp_path):
     write_jsonl(tmp_path / "chat.jsonl", [
         {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}],
          "rejected": [{"role": "assistant", "content": "No."}]}])
-    pairs, ties = read_pairs([str(tmp_path / f) for f in ("pairs.jsonl", "hh.jsonl", "chat.jsonl")])
+    pairs, ties = read_preference_pairs([str(tmp_path / f) for f in ("pairs.jsonl", "hh.jsonl", "chat.jsonl")])
     assert ties == 1 and [p.chosen for p in pairs] == ["A cat.", "Hello.", "Hello."]
     assert pairs[1].prompt == [{"role": "user", "content": "Hi"}] == pairs[2].prompt
     write_jsonl(tmp_path / "thumbs.jsonl", [{"prompt": "Hi", "response": "Hello.", "label": "up"}])
     with pytest.raises(HeedError, match="DPO trains on pairs"):
-        read_pairs([str(tmp_path / "thumbs.jsonl")])
+        read_preference_pairs([str(tmp_path / "thumbs.jsonl")])
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi", "chosen": 3, "rejected": "x"}])
     with pytest.raises(HeedError, match="bad.jsonl:1: field 'chosen'"):
-        read_pairs([str(tmp_path / "bad.jsonl")])
+        read_preference_pairs([str(tmp_path / "bad.jsonl")])
 
 
 def short_long_pairs(world_dir, n: int = 64) -> list[dict]:

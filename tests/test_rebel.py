@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from heed.algos.rebel import REBELConfig, REBELTrainer, read_reward_pairs
+from heed.algos.rebel import REBELConfig, REBELTrainer
 from heed.cli import main
-from heed.data import read_prompts, write_jsonl
+from heed.data import read_prompts, read_reward_pairs, write_jsonl
 from heed.filter import filter_rows
 
 

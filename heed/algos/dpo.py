@@ -35,7 +35,7 @@ import torch
 
 from heed.algos.common import OfflineConfig, already_trained, train_offline
 from heed.config import option
-from heed.data import Pair, read_feedback
+from heed.data import Pair, read_preference_pairs
 from heed.losses import dpo_implicit_reward, dpo_loss
 from heed.models import (
     TokenLogprobs,
@@ -75,26 +75,6 @@ class DPOConfig(OfflineConfig):
     skip_invalid: bool = option(False, "skip and count malformed rows instead of stopping")
 
 
-def read_pairs(paths: Sequence[str], fmt: str = "auto", skip_invalid: bool = False) -> tuple[list[Pair], int]:
-    """(pairs with a preference, ties dropped) from pairwise feedback files, any pairwise format."""
-    if not paths:
-        raise HeedError("no feedback files given (--data)")
-    pairs, ties = [], 0
-    for path in paths:
-        feedback = read_feedback(path, format=fmt, skip_invalid=skip_invalid)
-        if feedback.kind != "pairs":
-            raise HeedError(f"{path}: DPO trains on pairs, and this file holds {feedback.format}; "
-                            "convert it or train a reward model on it (`heed rm train`)")
-        for row in feedback.rows:
-            if row.tie:
-                ties += 1
-            else:
-                pairs.append(row)
-    if not pairs:
-        raise HeedError(f"no pairs with a preference in {', '.join(paths)} ({ties} ties)")
-    return pairs, ties
-
-
 def pair_logprobs(model, tokenizer, pairs: Sequence[Pair], **lengths) -> dict[str, torch.Tensor]:
     """{"chosen", "rejected"}: sequence log-probs (N,) of every pair's two responses, no gradients."""
     prompts = [p.prompt for p in pairs]
@@ -122,10 +102,10 @@ def run(cfg: DPOConfig) -> dict:
     seed_everything(cfg.seed)
 
     # 1. pairs
-    pairs, ties = read_pairs(cfg.data, cfg.format, cfg.skip_invalid)
+    pairs, ties = read_preference_pairs(cfg.data, cfg.format, cfg.skip_invalid)
     if cfg.limit:
         pairs = pairs[:cfg.limit]
-    heldout = read_pairs(cfg.eval_data, cfg.format, cfg.skip_invalid)[0] if cfg.eval_data else []
+    heldout = read_preference_pairs(cfg.eval_data, cfg.format, cfg.skip_invalid)[0] if cfg.eval_data else []
     policy, tokenizer = load_policy(cfg.policy)
     print(f"dpo: {len(pairs)} pairs ({ties} ties dropped), {cfg.loss_type} loss, beta {cfg.beta}"
           + (f"; {len(heldout)} held-out pairs" if heldout else ""))

@@ -37,7 +37,7 @@ import torch
 
 from heed.algos.common import Learner, TrainConfig, already_trained, global_mean, mean_stats, micro_batches
 from heed.config import option, save as save_config
-from heed.data import FieldError, get_number, get_prompt, get_str, read_prompts, read_rows, write_jsonl
+from heed.data import read_prompts, read_reward_pairs, write_jsonl
 from heed.filter import SELECTIONS, filter_rows, token_length
 from heed.generate import generate
 from heed.losses import rebel_loss
@@ -193,20 +193,6 @@ class REBELTrainer:
     def save(self, **state) -> None:
         self.learner.finish(lambda m: save_model(m.policy, self.tokenizer, self.out),
                             {"iterations": self.iteration, **state})
-
-
-def read_reward_pairs(path: str | Path, skip_invalid: bool = False) -> list[dict]:
-    """Pairs with both rewards (the output of `heed filter`); ties are kept (their target is 0)."""
-    def parse(row: dict) -> dict:
-        get_prompt(row)
-        for name in ("chosen", "rejected"):
-            get_str(row, name, allow_empty=True)
-        for name in ("chosen_reward", "rejected_reward"):
-            if name not in row:
-                raise FieldError(name, "missing (REBEL needs both rewards: run `heed rm score` and `heed filter`)")
-            get_number(row, name)
-        return row
-    return read_rows(path, parse, skip_invalid=skip_invalid, what="pairs")
 
 
 def run(cfg: REBELConfig) -> dict:
