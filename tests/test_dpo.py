@@ -45,9 +45,11 @@ def short_long_pairs(world_dir, n: int = 64) -> list[dict]:
 def test_short_dpo_run_prefers_the_rule_and_caches_reference_logps(tiny_base, world_dir, tmp_path):
     rows = short_long_pairs(world_dir)
     write_jsonl(tmp_path / "pairs.jsonl", rows)
+    write_jsonl(tmp_path / "heldout.jsonl", short_long_pairs(world_dir, n=112)[64:])
     out = tmp_path / "dpo"
     cfg = DPOConfig(policy=str(tiny_base), data=[str(tmp_path / "pairs.jsonl")], out=str(out), beta=0.1, epochs=4,
-                    lr=1e-3, batch_size=16, micro_batch_size=8, max_response_len=48, log_every=2, warmup_steps=2)
+                    lr=1e-3, batch_size=16, micro_batch_size=8, max_response_len=48, log_every=2, warmup_steps=2,
+                    eval_data=[str(tmp_path / "heldout.jsonl")], eval_every=1)
     metrics = run(cfg)
     # the reference pass was cached, and it holds the starting policy's sequence log-probs
     ref = torch.load(out / "reference_logps.pt")
@@ -58,6 +60,10 @@ def test_short_dpo_run_prefers_the_rule_and_caches_reference_logps(tiny_base, wo
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["rewards/accuracy"] > 0.7 and logged[-1]["rewards/margin"] > logged[0]["rewards/margin"]
     assert metrics["train/loss"] < logged[0]["train/loss"]
+    # held-out pairs (--eval-data) are evaluated every --eval-every steps: their loss falls too
+    evals = [row for row in logged if "eval/loss" in row]
+    assert len(evals) == len(logged) and evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+    assert evals[-1]["eval/accuracy"] > 0.7
     # the preference generalises: on pairs of prompts it never trained on, the policy's
     # log-prob margin of the rule's choice grew over the starting policy's for most pairs
     held = short_long_pairs(world_dir, n=112)[64:]
