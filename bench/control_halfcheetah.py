@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from heed.control.cli import ControlTrainConfig, train
+from heed.control.train import ControlTrainConfig, train
 
 
 def main() -> None:

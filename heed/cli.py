@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "rebel": ("heed.algos.rebel", "REBELConfig", "run", "REBEL: regress reward gaps onto log-ratio gaps"),
     "grpo": ("heed.algos.grpo", "GRPOConfig", "run_grpo", "GRPO: group-normalised advantages, no critic"),
     "rloo": ("heed.algos.grpo", "RLOOConfig", "run_rloo", "RLOO: leave-one-out baselines, no critic"),
-    "control train": ("heed.control.cli", "ControlTrainConfig", "train", "preference-based RL for a Gymnasium agent"),
+    "control train": ("heed.control.train", "ControlTrainConfig", "train", "RL from preferences, Gymnasium agents"),
 }
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from heed.control.cli import ControlTrainConfig, score, train
 from heed.control.envs import FixedHorizon, PreferenceEnv, evaluate
 from heed.control.labelers import HumanLabeler, SyntheticOracle
 from heed.control.queries import ClipPairs, labels_due, member_preferences, sample_pairs, select_queries
 from heed.control.reward_model import Comparisons, EnsembleTrainer, RewardEnsemble, preference_loss
+from heed.control.train import ControlTrainConfig, score, train
 
 
 class Reach1D(gym.Env):
@@ -301,24 +301,24 @@ def test_human_labeler_recovers_queries_sent_after_the_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes(tmp_path, monkeypatch):
-    import heed.control.cli as control_cli
+    from heed.control.train import Checkpoint
 
     cfg = ControlTrainConfig(env="HeedReach1D-v0", out=str(tmp_path), total_timesteps=700, initial_steps=100,
                              round_steps=200, labels=30, clip_length=5, eval_every=400, eval_episodes=2,
                              baseline=False, rm_initial_steps=20, rm_steps=10, net_arch=[16, 16])
-    real_save = control_cli._save_checkpoint
+    real_save = Checkpoint.save
 
-    def save_then_die(*args):
-        real_save(*args)
+    def save_then_die(self, *args):
+        real_save(self, *args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(control_cli, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(Checkpoint, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
-    state = control_cli._load_checkpoint(tmp_path / "checkpoint_learned")
-    labels_then = len(state["comparisons"])
+    state = Checkpoint.load(tmp_path / "checkpoint_learned")
+    labels_then = len(state.comparisons)
     assert 0 < labels_then < 30
-    monkeypatch.setattr(control_cli, "_save_checkpoint", real_save)
+    monkeypatch.setattr(Checkpoint, "save", real_save)
     report = train(cfg)
     assert report["learned"]["env_steps"] == 700 and report["learned"]["labels_used"] == 30
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -1,5 +1,8 @@
 """`heed control train`: deep RL from (synthetic or human) preferences, Christiano et al. 2017.
 
+The loop is `AgentRun` (warm-up, resume, one round, the checkpoint); `train` runs it for the
+learned-reward agent and the true-reward baseline and writes the report.
+
 The loop, as in the paper's Figure 1, run online:
   1. warm-up: the agent acts at random (SAC/TD3's learning_starts) and every episode is
      recorded; the learned reward is 0 meanwhile, so no true reward leaks in;
@@ -151,128 +154,188 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: MetricsLogger) -> dict:
-    """One agent, start to finish: on the learned reward (the paper's loop) or on the true one."""
-    from stable_baselines3.common.logger import Logger
+@dataclass
+class Checkpoint:
+    """Everything a round leaves besides the agent and its replay buffer: enough to go on
+    exactly where it stopped (`checkpoint_RUN/state.pkl`, next to `agent.zip`)."""
 
-    run = "learned" if learned else "true"
-    done_path, ckpt_dir = out / f"result_{run}.json", out / f"checkpoint_{run}"
-    if cfg.resume and done_path.exists():
-        return json.loads(done_path.read_text())
-    seed_everything(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    horizon = cfg.horizon or default_horizon(cfg.env)
-    if cfg.clip_length > horizon:
-        raise HeedError(f"--clip-length {cfg.clip_length} is longer than the horizon {horizon}")
-    human = learned and cfg.labeler == "human"
-    env = PreferenceEnv(make_env(cfg.env, horizon, render=human), keep_frames=cfg.pool_episodes)
-    agent = _make_agent(cfg, env, cfg.seed)
-    agent.set_logger(Logger(None, []))  # heed logs its own metrics; SB3's default leaves a dir in /tmp per learn()
-    eval_seeds = [10_000 + 100 * cfg.seed + i for i in range(cfg.eval_episodes)]
-    policy = lambda obs: agent.predict(obs, deterministic=True)[0]
-    t0, cpu0 = time.time(), time.process_time()
-    bar = progress(total=cfg.total_timesteps, desc=f"{cfg.env} ({run} reward)", unit="step")
+    start: int                 # environment steps when RL began (after the warm-up)
+    asked: int                 # labels asked so far
+    evals: list                # the evaluation curve so far
+    last_eval: int             # step // eval_every of the last evaluation
+    episodes: list             # recorded episodes, frames dropped
+    env_steps: int
+    episodes_done: int
+    rng: dict                  # numpy bit-generator state
+    torch_rng: torch.Tensor
+    wall_s: float
+    cpu_s: float
+    ensemble: dict | None = None          # the learned-reward run only: the reward model,
+    trainer: dict | None = None           # its trainer, the comparisons, the labeler
+    comparisons: Comparisons | None = None
+    labeler: dict | None = None
 
-    ensemble = trainer = labeler = None
-    data = Comparisons()
-    asked = 0
-    if learned:
-        members = 1 if cfg.no_ensemble else cfg.ensemble_size
-        ensemble = RewardEnsemble(env.observation_space.shape[0], env.action_space, members, cfg.rm_hidden,
-                                  cfg.rm_layers)
-        trainer = EnsembleTrainer(ensemble, lr=cfg.rm_lr, batch_size=cfg.rm_batch_size, l2=cfg.rm_l2,
-                                  random_prob=cfg.random_answer_prob, seed=cfg.seed)
-        if human:
-            labeler = HumanLabeler(open_store(cfg.db), out / "clips", task=cfg.task)
-        else:
-            labeler = SyntheticOracle(rng, cfg.oracle_temperature, cfg.oracle_random_prob)
-        env.reward_fn = lambda obs, act: np.zeros(len(obs), dtype=np.float32)  # warm-up: no reward at all
-    random_queries = cfg.queries == "random" or cfg.no_ensemble
+    def save(self, ckpt_dir: Path, agent) -> None:
+        """Write into a fresh folder, then swap it in, so a kill mid-write keeps the previous one."""
+        tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        agent.save(str(tmp / "agent.zip"))
+        if getattr(agent, "replay_buffer", None) is not None:
+            agent.save_replay_buffer(str(tmp / "replay_buffer.pkl"))
+        with open(tmp / "state.pkl", "wb") as f:
+            pickle.dump({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, f)
+        old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if ckpt_dir.exists():
+            ckpt_dir.rename(old)
+        tmp.rename(ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
 
-    def pool(episodes) -> list:
-        # people need frames, and frames are kept only for recent episodes recorded in this process
-        return [ep for ep in episodes if ep.frames is not None] if human else list(episodes)
+    @classmethod
+    def load(cls, ckpt_dir: Path) -> "Checkpoint | None":
+        for d in (ckpt_dir, ckpt_dir.with_name(ckpt_dir.name + ".old")):  # .old: killed during the swap
+            if (d / "state.pkl").exists():
+                if d != ckpt_dir:
+                    d.rename(ckpt_dir)
+                with open(ckpt_dir / "state.pkl", "rb") as f:
+                    return cls(**pickle.load(f))
+        return None
 
-    def take_answers() -> None:
-        for pairs, mu in labeler.collect():
+
+class AgentRun:
+    """One agent, start to finish: on the learned reward (the paper's loop) or on the true one.
+
+    `warm_up()` (or `resume(checkpoint)`), then `round()` until the step budget is spent,
+    then `finish()`; `run_agent` strings them together."""
+
+    def __init__(self, cfg: ControlTrainConfig, learned: bool, out: Path, logger: MetricsLogger):
+        from stable_baselines3.common.logger import Logger
+
+        self.cfg, self.learned, self.out, self.logger = cfg, learned, out, logger
+        self.run = "learned" if learned else "true"
+        seed_everything(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.horizon = cfg.horizon or default_horizon(cfg.env)
+        if cfg.clip_length > self.horizon:
+            raise HeedError(f"--clip-length {cfg.clip_length} is longer than the horizon {self.horizon}")
+        self.human = learned and cfg.labeler == "human"
+        self.env = PreferenceEnv(make_env(cfg.env, self.horizon, render=self.human), keep_frames=cfg.pool_episodes)
+        self.agent = _make_agent(cfg, self.env, cfg.seed)
+        self.agent.set_logger(Logger(None, []))  # heed logs its own metrics; SB3's default leaves a dir in /tmp
+        self.eval_seeds = [10_000 + 100 * cfg.seed + i for i in range(cfg.eval_episodes)]
+        self.t0, self.cpu0 = time.time(), time.process_time()
+        self.bar = progress(total=cfg.total_timesteps, desc=f"{cfg.env} ({self.run} reward)", unit="step")
+        self.ensemble = self.trainer = self.labeler = None
+        self.data = Comparisons()
+        self.asked, self.start, self.evals, self.last_eval = 0, 0, [], -1
+        if learned:
+            members = 1 if cfg.no_ensemble else cfg.ensemble_size
+            self.ensemble = RewardEnsemble(self.env.observation_space.shape[0], self.env.action_space, members,
+                                           cfg.rm_hidden, cfg.rm_layers)
+            self.trainer = EnsembleTrainer(self.ensemble, lr=cfg.rm_lr, batch_size=cfg.rm_batch_size, l2=cfg.rm_l2,
+                                           random_prob=cfg.random_answer_prob, seed=cfg.seed)
+            if self.human:
+                self.labeler = HumanLabeler(open_store(cfg.db), out / "clips", task=cfg.task)
+            else:
+                self.labeler = SyntheticOracle(self.rng, cfg.oracle_temperature, cfg.oracle_random_prob)
+            self.env.reward_fn = lambda obs, act: np.zeros(len(obs), dtype=np.float32)  # warm-up: no reward at all
+        self.random_queries = cfg.queries == "random" or cfg.no_ensemble
+
+    def policy(self, obs):
+        return self.agent.predict(obs, deterministic=True)[0]
+
+    def pool(self, episodes) -> list:
+        """Episodes to draw clips from: people need frames, kept only for recent episodes of this process."""
+        return [ep for ep in episodes if ep.frames is not None] if self.human else list(episodes)
+
+    def take_answers(self) -> None:
+        for pairs, mu in self.labeler.collect():
             for i in range(len(pairs)):
-                data.add(pairs.obs0[i], pairs.act0[i], pairs.obs1[i], pairs.act1[i], mu[i], rng,
-                         ensemble.size, cfg.val_fraction)
+                self.data.add(pairs.obs0[i], pairs.act0[i], pairs.obs1[i], pairs.act1[i], mu[i], self.rng,
+                              self.ensemble.size, self.cfg.val_fraction)
 
-    def fit(steps: int) -> dict:
-        if len(data) == 0:
+    def fit(self, steps: int) -> dict:
+        """Refit the ensemble on the comparisons, renormalise it on recent episodes, relabel the replay buffer."""
+        if len(self.data) == 0:
             return {}
-        stats = trainer.fit(data, steps)
-        recent = env.recent(cfg.pool_episodes)
-        ensemble.normalise(np.concatenate([ep.obs for ep in recent]), np.concatenate([ep.actions for ep in recent]))
-        _relabel_replay(agent, ensemble)
+        stats = self.trainer.fit(self.data, steps)
+        recent = self.env.recent(self.cfg.pool_episodes)
+        self.ensemble.normalise(np.concatenate([ep.obs for ep in recent]),
+                                np.concatenate([ep.actions for ep in recent]))
+        _relabel_replay(self.agent, self.ensemble)
         return stats
 
-    state = _load_checkpoint(ckpt_dir) if cfg.resume else None
-    if state is not None:
-        # 0. resume: the agent, its replay buffer, the reward model, the labels, every rng
-        agent = _agent_class(cfg).load(str(ckpt_dir / "agent.zip"), env=env, device="cpu")
-        agent.set_logger(Logger(None, []))
+    # -- 0. resume -------------------------------------------------------------------------------
+    def resume(self, state: Checkpoint, ckpt_dir: Path) -> None:
+        """The agent, its replay buffer, the reward model, the labels, every rng, as the checkpoint left them."""
+        from stable_baselines3.common.logger import Logger
+
+        self.agent = _agent_class(self.cfg).load(str(ckpt_dir / "agent.zip"), env=self.env, device="cpu")
+        self.agent.set_logger(Logger(None, []))
         if (ckpt_dir / "replay_buffer.pkl").exists():
-            agent.load_replay_buffer(str(ckpt_dir / "replay_buffer.pkl"))
-        start, asked, evals, last_eval = state["start"], state["asked"], state["evals"], state["last_eval"]
-        env.episodes.extend(state["episodes"])
-        env.steps, env.episodes_done = state["env_steps"], state["episodes_done"]
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        t0, cpu0 = t0 - state["wall_s"], cpu0 - state["cpu_s"]
-        if learned:
-            ensemble.load_state_dict(state["ensemble"])
-            trainer.load_state(state["trainer"])
-            data = state["comparisons"]
-            asked += labeler.load_state(state["labeler"])  # queries sent after the checkpoint still count
-            env.reward_fn = ensemble.reward
-        _truncate_metrics(out, run, agent.num_timesteps)  # rows logged after the checkpoint are redone
-        bar.update(agent.num_timesteps)
-    else:
-        # 1. warm-up: random actions, every episode recorded
-        agent.learn(cfg.initial_steps, reset_num_timesteps=False)
-        bar.update(agent.num_timesteps)
-        start = agent.num_timesteps  # PPO/A2C may overshoot --initial-steps by part of a rollout
-        evals, last_eval = [], -1
+            self.agent.load_replay_buffer(str(ckpt_dir / "replay_buffer.pkl"))
+        self.start, self.asked, self.evals, self.last_eval = state.start, state.asked, state.evals, state.last_eval
+        self.env.episodes.extend(state.episodes)
+        self.env.steps, self.env.episodes_done = state.env_steps, state.episodes_done
+        self.rng.bit_generator.state = state.rng
+        torch.set_rng_state(state.torch_rng)
+        self.t0, self.cpu0 = self.t0 - state.wall_s, self.cpu0 - state.cpu_s
+        if self.learned:
+            self.ensemble.load_state_dict(state.ensemble)
+            self.trainer.load_state(state.trainer)
+            self.data = state.comparisons
+            self.asked += self.labeler.load_state(state.labeler)  # queries sent after the checkpoint still count
+            self.env.reward_fn = self.ensemble.reward
+        _truncate_metrics(self.out, self.run, self.agent.num_timesteps)  # rows logged after it are redone
+        self.bar.update(self.agent.num_timesteps)
 
+    # -- 1.-2. warm-up and the initial labels -------------------------------------------------------
+    def warm_up(self) -> None:
+        cfg, run = self.cfg, self.run
+        # 1. random actions, every episode recorded
+        self.agent.learn(cfg.initial_steps, reset_num_timesteps=False)
+        self.bar.update(self.agent.num_timesteps)
+        self.start = self.agent.num_timesteps  # PPO/A2C may overshoot --initial-steps by part of a rollout
+        if not self.learned:
+            return
         # 2. initial labels: random pairs from the warm-up episodes, ensemble fitted before RL
-        if learned:
-            warm = pool(env.episodes)
-            if not warm:
-                raise HeedError(f"no episode finished in the {start} warm-up steps; raise --initial-steps "
-                                f"above the horizon ({horizon})")
-            ensemble.set_input_stats(np.concatenate([ep.obs for ep in warm]))
-            rl_total = cfg.total_timesteps - start
-            n0 = cfg.labels if cfg.offline else labels_due(0, rl_total, cfg.labels, cfg.initial_label_fraction,
-                                                           cfg.label_decay)
-            labeler.submit(sample_pairs(warm, n0, cfg.clip_length, rng))
-            asked = n0
-            take_answers()
-            wait_for = min(cfg.human_wait, n0)
-            while human and len(data) < wait_for:
-                bar.set_postfix_str(f"waiting for answers {len(data)}/{wait_for} in {cfg.db}")
-                time.sleep(cfg.poll_seconds)
-                take_answers()
-            stats = fit(cfg.rm_initial_steps)
-            env.reward_fn = ensemble.reward
-            logger.log(agent.num_timesteps, **{f"{run}/labels_asked": asked, f"{run}/labels_used": len(data),
-                                               **{f"{run}/rm_{k}": v for k, v in stats.items()}})
-    rl_total = cfg.total_timesteps - start
+        warm = self.pool(self.env.episodes)
+        if not warm:
+            raise HeedError(f"no episode finished in the {self.start} warm-up steps; raise --initial-steps "
+                            f"above the horizon ({self.horizon})")
+        self.ensemble.set_input_stats(np.concatenate([ep.obs for ep in warm]))
+        rl_total = cfg.total_timesteps - self.start
+        n0 = cfg.labels if cfg.offline else labels_due(0, rl_total, cfg.labels, cfg.initial_label_fraction,
+                                                       cfg.label_decay)
+        self.labeler.submit(sample_pairs(warm, n0, cfg.clip_length, self.rng))
+        self.asked = n0
+        self.take_answers()
+        wait_for = min(cfg.human_wait, n0)
+        while self.human and len(self.data) < wait_for:
+            self.bar.set_postfix_str(f"waiting for answers {len(self.data)}/{wait_for} in {cfg.db}")
+            time.sleep(cfg.poll_seconds)
+            self.take_answers()
+        stats = self.fit(cfg.rm_initial_steps)
+        self.env.reward_fn = self.ensemble.reward
+        self.logger.log(self.agent.num_timesteps, **{f"{run}/labels_asked": self.asked,
+                                                     f"{run}/labels_used": len(self.data),
+                                                     **{f"{run}/rm_{k}": v for k, v in stats.items()}})
 
-    # 3. rounds: RL on the learned reward, fresh-clip metrics, queries, answers, refit, evaluation
-    last_step = agent.num_timesteps
-    while agent.num_timesteps < cfg.total_timesteps:
+    # -- 3. one round ---------------------------------------------------------------------------
+    def round(self) -> None:
+        """RL on the learned reward, fresh-clip metrics, queries, answers, refit, evaluation."""
+        cfg, run, agent, ensemble, rng = self.cfg, self.run, self.agent, self.ensemble, self.rng
+        last_step = agent.num_timesteps
         # a. RL
         agent.learn(min(cfg.round_steps, cfg.total_timesteps - agent.num_timesteps), reset_num_timesteps=False)
         step = agent.num_timesteps
-        bar.update(step - last_step)
-        fresh = env.since(last_step)
-        last_step = step
-        row: dict = {f"{run}/wall_s": time.time() - t0}
+        self.bar.update(step - last_step)
+        fresh = self.env.since(last_step)
+        row: dict = {f"{run}/wall_s": time.time() - self.t0}
         if fresh:
             row[f"{run}/return_train"] = float(np.mean([ep.true_return for ep in fresh]))
-        if learned:
+        if self.learned:
             # b. the reward model on clips it has never seen
             if fresh:
                 obs, act, ret, _ = sample_clips(fresh, 200, cfg.clip_length, rng)
@@ -283,55 +346,78 @@ def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: Metrics
                 row[f"{run}/rm_corr_step"] = _corr(ensemble.reward(steps_obs, steps_act),
                                                    np.concatenate([ep.true_rewards for ep in fresh]))
             # c. queries now due, where the ensemble disagrees most
-            due = 0 if cfg.offline else labels_due(step - start, rl_total, cfg.labels,
+            due = 0 if cfg.offline else labels_due(step - self.start, cfg.total_timesteps - self.start, cfg.labels,
                                                    cfg.initial_label_fraction, cfg.label_decay)
-            k = min(due, cfg.labels) - asked
-            candidates_from = pool(env.recent(cfg.pool_episodes))
+            k = min(due, cfg.labels) - self.asked
+            candidates_from = self.pool(self.env.recent(cfg.pool_episodes))
             if k > 0 and candidates_from:
                 candidates = sample_pairs(candidates_from, k * cfg.oversample, cfg.clip_length, rng)
                 variances = member_preferences(ensemble, candidates).var(0)  # (N,) across members
-                chosen = select_queries(None if random_queries else variances, k, rng, len(candidates))
-                labeler.submit(candidates.take(chosen))
-                asked += len(chosen)
+                chosen = select_queries(None if self.random_queries else variances, k, rng, len(candidates))
+                self.labeler.submit(candidates.take(chosen))
+                self.asked += len(chosen)
                 row[f"{run}/disagreement_candidates"] = float(variances.mean())
                 row[f"{run}/disagreement_asked"] = float(variances[chosen].mean())
             # d. answers that have arrived; e. refit, renormalise, relabel
-            take_answers()
-            stats = fit(cfg.rm_steps)
+            self.take_answers()
+            stats = self.fit(cfg.rm_steps)
             row.update({f"{run}/rm_{k}": v for k, v in stats.items()})
-            row.update({f"{run}/labels_asked": asked, f"{run}/labels_used": len(data)})
-            _save_comparisons(data, out / "labels.npz")
-            ensemble.save(out / "reward_ensemble.pt")
+            row.update({f"{run}/labels_asked": self.asked, f"{run}/labels_used": len(self.data)})
+            _save_comparisons(self.data, self.out / "labels.npz")
+            ensemble.save(self.out / "reward_ensemble.pt")
         # f. evaluation on the true return
-        if step // cfg.eval_every != last_eval or step >= cfg.total_timesteps:
-            last_eval = step // cfg.eval_every
-            returns = evaluate(policy, cfg.env, horizon, eval_seeds)
+        if step // cfg.eval_every != self.last_eval or step >= cfg.total_timesteps:
+            self.last_eval = step // cfg.eval_every
+            returns = evaluate(self.policy, cfg.env, self.horizon, self.eval_seeds)
             row[f"{run}/return_eval"] = float(np.mean(returns))
-            evals.append({"step": step, "labels_used": len(data), "return_mean": float(np.mean(returns)),
-                          "return_std": float(np.std(returns))})
-        logger.log(step, **row)
-        bar.set_postfix_str(f"eval {evals[-1]['return_mean']:.0f}" if evals else "")
-        # g. checkpoint: a killed run restarts from here
-        _save_checkpoint(ckpt_dir, agent, {
-            "start": start, "asked": asked, "evals": evals, "last_eval": last_eval,
-            "episodes": [_without_frames(ep) for ep in env.episodes], "env_steps": env.steps,
-            "episodes_done": env.episodes_done, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-            "wall_s": time.time() - t0, "cpu_s": time.process_time() - cpu0,
-            **({"ensemble": ensemble.state_dict(), "trainer": trainer.state(), "comparisons": data,
-                "labeler": labeler.state()} if learned else {})})
-    bar.close()
+            self.evals.append({"step": step, "labels_used": len(self.data), "return_mean": float(np.mean(returns)),
+                               "return_std": float(np.std(returns))})
+        self.logger.log(step, **row)
+        self.bar.set_postfix_str(f"eval {self.evals[-1]['return_mean']:.0f}" if self.evals else "")
 
-    agent.save(str(out / f"policy_{run}_reward.zip"))
-    final = evaluate(policy, cfg.env, horizon, eval_seeds)
-    result = {"eval_returns": [float(r) for r in final], "return_mean": float(np.mean(final)),
-              "return_std": float(np.std(final)), "env_steps": int(agent.num_timesteps),
-              "wall_s": round(time.time() - t0, 1),
-              "cpu_s": round(time.process_time() - cpu0, 1), "curve": evals}
-    if learned:
-        result.update(labels_asked=asked, labels_used=len(data),
-                      labels_skipped=getattr(labeler, "skipped", 0), labels_pending=labeler.pending)
+    # -- g. the checkpoint of a round ---------------------------------------------------------------
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(
+            start=self.start, asked=self.asked, evals=self.evals, last_eval=self.last_eval,
+            episodes=[_without_frames(ep) for ep in self.env.episodes], env_steps=self.env.steps,
+            episodes_done=self.env.episodes_done, rng=self.rng.bit_generator.state, torch_rng=torch.get_rng_state(),
+            wall_s=time.time() - self.t0, cpu_s=time.process_time() - self.cpu0,
+            **({"ensemble": self.ensemble.state_dict(), "trainer": self.trainer.state(),
+                "comparisons": self.data, "labeler": self.labeler.state()} if self.learned else {}))
+
+    # -- 4. the result ----------------------------------------------------------------------------
+    def finish(self) -> dict:
+        self.bar.close()
+        self.agent.save(str(self.out / f"policy_{self.run}_reward.zip"))
+        final = evaluate(self.policy, self.cfg.env, self.horizon, self.eval_seeds)
+        result = {"eval_returns": [float(r) for r in final], "return_mean": float(np.mean(final)),
+                  "return_std": float(np.std(final)), "env_steps": int(self.agent.num_timesteps),
+                  "wall_s": round(time.time() - self.t0, 1),
+                  "cpu_s": round(time.process_time() - self.cpu0, 1), "curve": self.evals}
+        if self.learned:
+            result.update(labels_asked=self.asked, labels_used=len(self.data),
+                          labels_skipped=getattr(self.labeler, "skipped", 0), labels_pending=self.labeler.pending)
+        self.env.close()
+        return result
+
+
+def run_agent(cfg: ControlTrainConfig, learned: bool, out: Path, logger: MetricsLogger) -> dict:
+    """One agent, start to finish, resuming from its checkpoint when there is one."""
+    run = "learned" if learned else "true"
+    done_path, ckpt_dir = out / f"result_{run}.json", out / f"checkpoint_{run}"
+    if cfg.resume and done_path.exists():
+        return json.loads(done_path.read_text())
+    agent_run = AgentRun(cfg, learned, out, logger)
+    state = Checkpoint.load(ckpt_dir) if cfg.resume else None
+    if state is not None:
+        agent_run.resume(state, ckpt_dir)                                        # 0.
+    else:
+        agent_run.warm_up()                                                      # 1.-2.
+    while agent_run.agent.num_timesteps < cfg.total_timesteps:
+        agent_run.round()                                                        # 3.
+        agent_run.checkpoint().save(ckpt_dir, agent_run.agent)                   # g. a killed run restarts here
+    result = agent_run.finish()                                                  # 4.
     atomic_write_text(done_path, json.dumps(result))
-    env.close()
     return result
 
 
@@ -346,34 +432,6 @@ def _truncate_metrics(out: Path, run: str, step: int) -> None:
 
 def _without_frames(ep):
     return dataclasses.replace(ep, frames=None)
-
-
-def _save_checkpoint(ckpt_dir: Path, agent, state: dict) -> None:
-    """Write into a fresh folder, then swap it in, so a kill mid-write keeps the previous checkpoint."""
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    agent.save(str(tmp / "agent.zip"))
-    if getattr(agent, "replay_buffer", None) is not None:
-        agent.save_replay_buffer(str(tmp / "replay_buffer.pkl"))
-    with open(tmp / "state.pkl", "wb") as f:
-        pickle.dump(state, f)
-    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if ckpt_dir.exists():
-        ckpt_dir.rename(old)
-    tmp.rename(ckpt_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(ckpt_dir: Path) -> dict | None:
-    for d in (ckpt_dir, ckpt_dir.with_name(ckpt_dir.name + ".old")):  # .old: killed during the swap
-        if (d / "state.pkl").exists():
-            if d != ckpt_dir:
-                d.rename(ckpt_dir)
-            with open(ckpt_dir / "state.pkl", "rb") as f:
-                return pickle.load(f)
-    return None
 
 
 def _save_comparisons(data: Comparisons, path: Path) -> None:
