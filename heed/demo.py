@@ -31,7 +31,7 @@ from heed.algos.reward import RewardTrainConfig, train as rm_train
 from heed.algos.sft import SFTConfig, run as sft_run
 from heed.config import option
 from heed.data import read_prompts, write_jsonl
-from heed.evaluate import criteria_lost, gold_scores, kl_to, mean_se, summarise, win_rate
+from heed.evaluate import criteria_lost, gold_scores, kl_to, mean_se, summarize, win_rate
 from heed.generate import generate
 from heed.label_oracle import group_by_prompt, label
 from heed.models import load_policy
@@ -220,7 +220,7 @@ def run(cfg: DemoConfig) -> dict:
         samples[name] = generate(model, tok, heldout, max_new_tokens=48, temperature=1.0, seed=cfg.seed + 1,
                                  desc=f"eval {name}")
         scores[name] = gold_scores(heldout, [s.response for s in samples[name]])
-    stage_stats = {name: summarise(samples[name], scores[name]) for name in models}
+    stage_stats = {name: summarize(samples[name], scores[name]) for name in models}
     lost = {name: criteria_lost(heldout, [s.response for s in samples[name]]) for name in models}
     win_rates = {}
     win_rates["sft_vs_base"], win_rates["sft_vs_base_se"] = win_rate(scores["sft"], scores["base"])

@@ -82,7 +82,7 @@ def kl_to(reference, samples: Sequence[Sample], pad_id: int, *, temperature: flo
     return out
 
 
-def summarise(samples: Sequence[Sample], scores: Sequence[float]) -> dict:
+def summarize(samples: Sequence[Sample], scores: Sequence[float]) -> dict:
     mean, se = mean_se(scores)
     return {"gold_mean": mean, "gold_se": se,
             "length_mean": sum(len(s.response_ids) for s in samples) / len(samples),
@@ -107,8 +107,8 @@ def compare(policy, baseline, tokenizer, prompts: Sequence, *, max_new_tokens: i
     baseline_scores = gold_scores(prompts, [s.response for s in baseline_samples])
     wr, wr_se = win_rate(policy_scores, baseline_scores)
     result = {"n_prompts": len(prompts), "temperature": temperature,
-              "policy": summarise(policy_samples, policy_scores),
-              "baseline": summarise(baseline_samples, baseline_scores),
+              "policy": summarize(policy_samples, policy_scores),
+              "baseline": summarize(baseline_samples, baseline_scores),
               "win_rate": wr, "win_rate_se": wr_se}
     result["criteria_lost"] = {
         "policy": criteria_lost(prompts, [s.response for s in policy_samples]),

@@ -201,7 +201,7 @@ def test_human_labeler_renders_gifs_and_reads_answers(tmp_path):
     assert [mu[0] for _, mu in labeler.collect()] == [0.5]
 
 
-def test_ensemble_learns_a_reward_from_comparisons_and_is_normalised():
+def test_ensemble_learns_a_reward_from_comparisons_and_is_normalized():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     true_r = lambda o, a: o[..., 0] - 0.5 * a[..., 0] ** 2  # a reward on (observation, action)
@@ -215,7 +215,7 @@ def test_ensemble_learns_a_reward_from_comparisons_and_is_normalised():
     stats = EnsembleTrainer(ens, seed=0).fit(data, 300)
     assert stats["val_acc"] > 0.85 and stats["train_loss"] < 0.45
     obs, act = rng.normal(size=(2000, 2)), rng.uniform(-1, 1, size=(2000, 1))
-    ens.normalise(obs, act)
+    ens.normalize(obs, act)
     raw = ens.raw(torch.as_tensor(obs, dtype=torch.float32), torch.as_tensor(act, dtype=torch.float32))
     normed = (raw - ens.out_mean[:, None]) / ens.out_std[:, None]
     assert torch.allclose(normed.mean(1), torch.zeros(3), atol=1e-4)

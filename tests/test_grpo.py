@@ -40,7 +40,7 @@ def test_rollout_groups_and_logprobs(tiny_base, world_dir, tmp_path):
     # one update step moves the weights; the KL is measured against the unchanged reference
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     exp.scores = torch.tensor(brevity(exp.prompts, exp.texts))
-    metrics = trainer.optimise(exp, torch.Generator().manual_seed(0))
+    metrics = trainer.optimize(exp, torch.Generator().manual_seed(0))
     assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
     assert abs(metrics["objective/kl"]) < 1e-4 and "kl_k3" in metrics
     assert metrics["loss/policy"] == metrics["loss/policy"] and metrics["train/grad_norm"] > 0

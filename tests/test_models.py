@@ -27,7 +27,7 @@ def test_tokenizer_round_trip_and_special_tokens(tmp_path):
     assert rendered == "User: Describe the Tarvo.\nAssistant:"
 
 
-def test_prompt_and_response_tokenised_separately_match_whole_text(tiny_base):
+def test_prompt_and_response_tokenized_separately_match_whole_text(tiny_base):
     _, tok = load_policy(tiny_base)
     batch = make_batch(tok, ["Describe the Buba."], ["The Buba is a small black fish."])
     whole = tok(format_transcript("Describe the Buba.", "The Buba is a small black fish."),

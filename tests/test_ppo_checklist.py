@@ -27,7 +27,7 @@ def test_score_joins_at_the_last_response_token_and_kl_everywhere_else():
     torch.testing.assert_close(rewards, expected)
 
 
-def test_reward_normalised_on_the_first_rollout_and_missing_eos_penalised():
+def test_reward_normalized_on_the_first_rollout_and_missing_eos_penalized():
     cfg = PPOConfig(policy="-", prompts="-", reward=["-"], out="-", missing_eos_penalty=1.0)
     raw = torch.tensor([1.0, 2.0, 3.0, 6.0])
     finished = torch.tensor([True, True, False, True])

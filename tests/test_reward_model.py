@@ -21,7 +21,7 @@ def members(tiny_base):
     return [RewardMember.from_policy(tiny_base, seed=s) for s in (0, 1)]
 
 
-def test_head_initialisation(members):
+def test_head_initialization(members):
     d = members[0].trunk.config.hidden_size
     w = members[0].head.weight
     assert torch.all(members[0].head.bias == 0)
@@ -78,7 +78,7 @@ def test_single_member_std_is_zero(members, tiny_base):
     assert rm.score(PROMPTS, RESPONSES)[1] == [0.0, 0.0, 0.0]
 
 
-def test_normalisation_statistics(members, tiny_base):
+def test_normalization_statistics(members, tiny_base):
     rm = RewardModel(members, load_tokenizer(tiny_base))
     g = torch.Generator().manual_seed(0)
     raw = torch.stack([3.0 + 2.0 * torch.randn(200, generator=g), -5 + 0.1 * torch.randn(200, generator=g)])

@@ -118,7 +118,7 @@ def test_ensemble_metrics_and_eval(world_rm, capsys):
     assert 0 <= overall["calibration_error"] <= 0.5 and 0.5 < overall["label_gold_agreement"] <= 1
 
 
-def test_normalisation_on_sft_samples(world_rm):
+def test_normalization_on_sft_samples(world_rm):
     """Re-drawing the same SFT samples and scoring them gives mean 0, std 1."""
     from heed.algos.reward import RewardTrainConfig, sft_samples
     from heed.config import load_yaml

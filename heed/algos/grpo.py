@@ -92,7 +92,7 @@ class GroupTrainer(OnlineTrainer):
         return TokenLogprobs(policy)
 
     # -- 3.-5. KL, baseline, update ------------------------------------------------------------
-    def optimise(self, exp: Rollout, generator: torch.Generator) -> dict:
+    def optimize(self, exp: Rollout, generator: torch.Generator) -> dict:
         cfg, mask = self.cfg, exp.mask
         seq_kl = (kl_penalty(exp.logprobs, exp.ref_logprobs, "k1") * mask).sum(-1)  # (B*K,)
         rewards = exp.scores - cfg.kl_coef * seq_kl if cfg.kl_mode == "reward" else exp.scores

@@ -7,11 +7,11 @@
       score     reward models and/or rule rewards on the text; normalised with a gain and bias
                 fitted on the first rollout (the SFT policy's) when `normalize_reward`; responses
                 that never emit EOS lose `missing_eos_penalty`
-      optimise  the algorithm's own update (heed/algos/ppo.py, heed/algos/grpo.py), in
+      optimize  the algorithm's own update (heed/algos/ppo.py, heed/algos/grpo.py), in
                 minibatches reshuffled every epoch through `Learner.step`
 
 Each algorithm is a subclass naming its model (`build_model`), how many responses per prompt
-(`group_size`), its epochs and its `optimise`; PPO adds its value estimates to the rollout.
+(`group_size`), its epochs and its `optimize`; PPO adds its value estimates to the rollout.
 The iteration's generator depends only on (seed, iteration, process), so a resumed run draws
 the same prompts and samples; `monitor` rewards (the world's gold oracle, in the demo) are
 logged as monitor/score and never optimised.
@@ -94,7 +94,7 @@ class Rollout:
 
 
 class OnlineTrainer:
-    """The shared skeleton; subclasses give `build_model`, `group_size`, `epochs`, `optimise`."""
+    """The shared skeleton; subclasses give `build_model`, `group_size`, `epochs`, `optimize`."""
 
     name = "online"
 
@@ -126,7 +126,7 @@ class OnlineTrainer:
     def build_model(self, policy) -> torch.nn.Module:
         raise NotImplementedError
 
-    def optimise(self, exp: Rollout, generator: torch.Generator) -> dict:
+    def optimize(self, exp: Rollout, generator: torch.Generator) -> dict:
         raise NotImplementedError
 
     def state(self) -> dict:
@@ -219,7 +219,7 @@ class OnlineTrainer:
             exp = self.rollout([self.prompts[i] for i in pick], generator)       # 1.
             t_rollout = time.time() - t0
             exp.scores, score_metrics = self.score(exp)                           # 2.
-            metrics = self.optimise(exp, generator)                               # 3.
+            metrics = self.optimize(exp, generator)                               # 3.
             metrics.update(score_metrics)
             metrics["response/ended"] = float(exp.finished.float().mean())
             metrics["perf/rollout_tokens_per_s"] = float(exp.mask.sum()) / max(t_rollout, 1e-9)

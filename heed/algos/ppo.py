@@ -173,7 +173,7 @@ class PPOTrainer(OnlineTrainer):
         return exp
 
     # -- 3.-7. KL penalty, whitening, GAE, PPO update, KL controller -----------------------------
-    def optimise(self, exp: Rollout, generator: torch.Generator) -> dict:
+    def optimize(self, exp: Rollout, generator: torch.Generator) -> dict:
         cfg, mask = self.cfg, exp.mask
         # 3. per-token KL penalty; the score joins at the last response token
         kl = kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * mask
@@ -233,7 +233,7 @@ class PPOTrainer(OnlineTrainer):
         exp = Rollout(list(queries), list(responses), batch, mask, logprobs * mask, ref_logprobs * mask,
                       torch.ones(len(queries), dtype=torch.bool), values=values * mask,
                       scores=torch.tensor(list(rewards), dtype=torch.float32, device=acc.device))
-        metrics = self.optimise(exp, generator)
+        metrics = self.optimize(exp, generator)
         self.iteration += 1
         return metrics
 

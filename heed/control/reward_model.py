@@ -125,7 +125,7 @@ class RewardEnsemble(nn.Module):
         self.obs_std.copy_(torch.as_tensor(obs.std(0), dtype=torch.float32).clamp_min(1e-3))
 
     @torch.no_grad()
-    def normalise(self, obs: np.ndarray, actions: np.ndarray) -> None:
+    def normalize(self, obs: np.ndarray, actions: np.ndarray) -> None:
         """Each member to zero mean, unit std on these (recent) steps (paper §2.2.3)."""
         r = self.raw(torch.as_tensor(obs, dtype=torch.float32), torch.as_tensor(actions, dtype=torch.float32))
         self.out_mean.copy_(r.mean(1))

@@ -261,7 +261,7 @@ class AgentRun:
             return {}
         stats = self.trainer.fit(self.data, steps)
         recent = self.env.recent(self.cfg.pool_episodes)
-        self.ensemble.normalise(np.concatenate([ep.obs for ep in recent]),
+        self.ensemble.normalize(np.concatenate([ep.obs for ep in recent]),
                                 np.concatenate([ep.actions for ep in recent]))
         _relabel_replay(self.agent, self.ensemble)
         return stats
