@@ -13,10 +13,12 @@ import gzip
 import json
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from heed.template import prompt_key
 from heed.utils import HeedError
 
 # ---------------------------------------------------------------------------
@@ -490,3 +492,21 @@ def read_reward_pairs(path: str | Path, skip_invalid: bool = False) -> list[dict
             get_number(row, name)
         return row
     return read_rows(path, parse, skip_invalid=skip_invalid, what="pairs")
+
+
+def split_by_prompt(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded `fraction` of the distinct prompts, with all their rows, is held out."""
+    keys = sorted({prompt_key(r.prompt) for r in rows})
+    random.Random(seed).shuffle(keys)
+    n = int(round(len(keys) * fraction))
+    if fraction > 0 and n == 0 and len(keys) > 1:
+        n = 1
+    held = set(keys[:n])
+    return [r for r in rows if prompt_key(r.prompt) not in held], [r for r in rows if prompt_key(r.prompt) in held]
+
+
+def describe_feedback(feedbacks: Sequence[Feedback]) -> str:
+    """One line: per file, its name, row count and format, and what was skipped or unused."""
+    return ", ".join(f"{Path(f.path).name}: {len(f.rows)} {f.format}"
+                     + (f" ({f.skipped} skipped)" if f.skipped else "")
+                     + (f" ({f.unused} both_bad unused)" if f.unused else "") for f in feedbacks)

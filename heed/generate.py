@@ -10,6 +10,8 @@ Rows that have emitted EOS keep receiving PAD, masked out of attention.
 from __future__ import annotations
 
 import inspect
+import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from heed.config import option
 from heed.data import read_prompts, write_jsonl
 from heed.models import encode_prompts, load_policy, position_ids
+from heed.template import prompt_key
 from heed.utils import progress, seed_everything
 
 
@@ -145,6 +148,19 @@ def generate(model, tokenizer, prompts: Sequence, *, n: int = 1, max_new_tokens:
     bar.close()
     model.train(was_training)
     return [results[(i, j)] for i in range(len(prompts)) for j in range(n)]
+
+
+def sample_prompts(policy, tokenizer, prompts: Sequence, count: int, *, seed: int, max_new_tokens: int,
+                   max_prompt_len: int, desc: str = "sample") -> list[Sample]:
+    """`count` samples spread evenly over a seeded choice of the distinct `prompts` (by text):
+    as few prompts as `count` allows, each sampled equally often."""
+    distinct = list({prompt_key(p): p for p in prompts}.values())
+    random.Random(seed).shuffle(distinct)
+    n_per = max(1, math.ceil(count / len(distinct)))
+    chosen = distinct[:math.ceil(count / n_per)]
+    samples = generate(policy, tokenizer, chosen, n=n_per, max_new_tokens=max_new_tokens,
+                       max_prompt_len=max_prompt_len, seed=seed, desc=desc)
+    return samples[:count]
 
 
 def decode_response(tokenizer, ids: list[int]) -> str:

@@ -271,3 +271,54 @@ def batched_sequence_logprobs(model, tokenizer, prompts: Sequence, responses: Se
         out.append(sequence_logprobs(token_logprobs(model, batch), batch).cpu())
     model.train(was_training)
     return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------
+# Language-model sequences: token ids and a loss mask (pretraining and SFT)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class LMExample:
+    """One training sequence: token ids, and which of them the loss is taken on."""
+
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 where the token is predicted (a response token, or any corpus token)
+
+
+def collate_lm(examples: list[LMExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded (B, T) tensors; labels are -100 where no loss is taken."""
+    T = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), T), dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids = torch.tensor(e.input_ids, dtype=torch.long)
+        input_ids[i, :n] = ids
+        attention[i, :n] = 1
+        labels[i, :n] = torch.where(torch.tensor(e.loss_mask, dtype=torch.bool), ids, torch.tensor(-100))
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token negative log-likelihoods over labelled tokens, number of such tokens)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                            ignore_index=-100, reduction="sum")
+    return nll, int((targets != -100).sum())
+
+
+@torch.no_grad()
+def evaluate_nll(model, examples: list[LMExample], pad_id: int, batch_size: int) -> float:
+    """Mean per-token negative log-likelihood on held-out examples."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate_lm(examples[i:i + batch_size], pad_id).items()}
+        nll, n = token_nll(model, batch)
+        total, count = total + float(nll), count + n
+    model.train(was_training)
+    return total / max(1, count)

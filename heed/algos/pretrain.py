@@ -17,11 +17,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from heed.algos.common import LMExample, OfflineConfig, train_lm
+from heed.algos.common import OfflineConfig, train_lm
 from heed.config import option
 from heed.data import read_texts
 from heed.models import (
     PRESETS,
+    LMExample,
     build_model,
     count_parameters,
     load_policy,

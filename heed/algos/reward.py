@@ -30,19 +30,27 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from heed.algos.common import DONE_FILE, OfflineConfig, already_trained, train_offline
 from heed.config import option, save as save_config
-from heed.data import Feedback, Pair, Ranking, Rating, Thumb, read_feedback_files, responses_of
+from heed.data import (
+    Pair,
+    Ranking,
+    Rating,
+    Thumb,
+    describe_feedback,
+    read_feedback_files,
+    responses_of,
+    split_by_prompt,
+)
+from heed.generate import sample_prompts
 from heed.losses import bradley_terry_loss, centering_loss, ranking_loss, rating_loss, thumbs_loss
 from heed.models import device_of, load_policy, load_tokenizer, make_batch
 from heed.reward_metrics import evaluate_rows, format_metrics
 from heed.reward_model import RewardMember, RewardModel
 from heed.rules import load_reward
-from heed.template import prompt_key
 from heed.utils import HeedError, seed_everything
 
 
@@ -139,17 +147,6 @@ def flat_batch(tokenizer, rows: list, max_prompt_len: int, max_response_len: int
 # heed rm train
 # ---------------------------------------------------------------------------
 
-def split_by_prompt(rows: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held-out): a seeded `fraction` of the distinct prompts, with all their rows, is held out."""
-    keys = sorted({prompt_key(r.prompt) for r in rows})
-    random.Random(seed).shuffle(keys)
-    n = int(round(len(keys) * fraction))
-    if fraction > 0 and n == 0 and len(keys) > 1:
-        n = 1
-    held = set(keys[:n])
-    return [r for r in rows if prompt_key(r.prompt) not in held], [r for r in rows if prompt_key(r.prompt) in held]
-
-
 def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, heldout_rows: list,
                  rating_stats: tuple[float, float]) -> None:
     """Train ensemble member k on its resample of `train_rows` (the loop of
@@ -183,23 +180,11 @@ def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, he
 
 def sft_samples(cfg: RewardTrainConfig, prompts: list) -> tuple[list, list[str]]:
     """Responses of the SFT policy on (a seeded choice of) training prompts, for normalisation."""
-    from heed.generate import generate
-
-    distinct = list({prompt_key(p): p for p in prompts}.values())
-    random.Random(cfg.seed).shuffle(distinct)
-    n_per = max(1, math.ceil(cfg.norm_samples / len(distinct)))
-    chosen = distinct[:math.ceil(cfg.norm_samples / n_per)]
     policy, tokenizer = load_policy(cfg.model)
-    samples = generate(policy, tokenizer, chosen, n=n_per, max_new_tokens=cfg.norm_max_new_tokens,
-                       max_prompt_len=cfg.max_prompt_len, seed=cfg.seed, desc="rm: SFT samples")
-    samples = samples[:cfg.norm_samples]
+    samples = sample_prompts(policy, tokenizer, prompts, cfg.norm_samples, seed=cfg.seed,
+                             max_new_tokens=cfg.norm_max_new_tokens, max_prompt_len=cfg.max_prompt_len,
+                             desc="rm: SFT samples")
     return [s.prompt for s in samples], [s.response for s in samples]
-
-
-def describe(feedbacks: Sequence[Feedback]) -> str:
-    return ", ".join(f"{Path(f.path).name}: {len(f.rows)} {f.format}"
-                     + (f" ({f.skipped} skipped)" if f.skipped else "")
-                     + (f" ({f.unused} both_bad unused)" if f.unused else "") for f in feedbacks)
 
 
 def train(cfg: RewardTrainConfig) -> dict:
@@ -227,7 +212,7 @@ def train(cfg: RewardTrainConfig) -> dict:
         m = sum(ratings) / len(ratings)
         sd = math.sqrt(sum((x - m) ** 2 for x in ratings) / len(ratings)) or 1.0
         rating_stats = (m, sd)
-    print(f"rm: {describe(feedbacks)}; {len(train_rows)} training rows, {len(heldout_rows)} held out; "
+    print(f"rm: {describe_feedback(feedbacks)}; {len(train_rows)} training rows, {len(heldout_rows)} held out; "
           f"{cfg.ensemble} member(s)")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

@@ -14,10 +14,10 @@ import math
 import random
 from dataclasses import dataclass
 
-from heed.algos.common import LMExample, OfflineConfig, train_lm
+from heed.algos.common import OfflineConfig, train_lm
 from heed.config import option
 from heed.data import read_demos
-from heed.models import encode_prompts, encode_responses, load_policy, save_model
+from heed.models import LMExample, encode_prompts, encode_responses, load_policy, save_model
 from heed.utils import seed_everything
 
 
