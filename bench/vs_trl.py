@@ -303,7 +303,8 @@ def main() -> None:
 def format_row(r: dict) -> str:
     h, t = r["heed"], r["peer"]
     if "error" in h or "error" in t:
-        return f"{r['work']:<4} {r['size']:<4} {r['dtype']:<5} heed: {h.get('error', 'ok')}; peer: {t.get('error', 'ok')}"
+        return (f"{r['work']:<4} {r['size']:<4} {r['dtype']:<5} heed: {h.get('error', 'ok')}; "
+                f"peer: {t.get('error', 'ok')}")
     share = lambda x: x["flops"] / x["seconds"] / r["gemm_flops_per_s"]  # noqa: E731
     return (f"{r['work']:<4} {r['size']:<4} {r['dtype']:<5} heed {h['seconds']:7.1f} s  peer {t['seconds']:7.1f} s  "
             f"speed {r['speed_ratio']:4.2f}x  memory {h['peak_rss_mib']:5.0f} / {t['peak_rss_mib']:5.0f} MiB "
