@@ -209,26 +209,106 @@ def forward_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return out.last_hidden_state
 
 
+@dataclass
+class SharedBatch:
+    """Responses that share prompts: each prompt once, left-padded (N, P); the responses
+    right-padded (M, R), `counts[i]` of them continuing prompt i, in order."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    counts: torch.Tensor          # (N,) responses per prompt, summing to M
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+    def to(self, device) -> "SharedBatch":
+        return SharedBatch(*(getattr(self, f).to(device) for f in
+                             ("prompt_ids", "prompt_mask", "counts", "response_ids", "response_mask")))
+
+    @property
+    def owner(self) -> torch.Tensor:
+        """(M,) the prompt row of each response."""
+        return torch.repeat_interleave(torch.arange(len(self.counts), device=self.counts.device), self.counts)
+
+
+def shared_batch(tokenizer, prompts: Sequence, responses: Sequence[Sequence[str]], *, max_prompt_len: int,
+                 max_response_len: int) -> SharedBatch:
+    """`responses[i]` are the responses to `prompts[i]` (a pair's two, a ranking's K)."""
+    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_len)
+    flat = [r for group in responses for r in group]
+    response_ids = encode_responses(tokenizer, flat, max_response_len)
+    P, R = max(len(p) for p in prompt_ids), max(1, max(len(r) for r in response_ids))
+    pad = tokenizer.pad_token_id
+    prompt = torch.full((len(prompt_ids), P), pad, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompt_ids), P), dtype=torch.long)
+    for i, ids in enumerate(prompt_ids):
+        prompt[i, P - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        prompt_mask[i, P - len(ids):] = 1
+    response = torch.full((len(flat), R), pad, dtype=torch.long)
+    response_mask = torch.zeros((len(flat), R), dtype=torch.long)
+    for j, ids in enumerate(response_ids):
+        if ids:
+            response[j, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            response_mask[j, :len(ids)] = 1
+    counts = torch.tensor([len(group) for group in responses], dtype=torch.long)
+    return SharedBatch(prompt, prompt_mask, counts, response, response_mask)
+
+
+def forward_shared(model, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states of the prompts (N, P, d) and of the responses (M, R, d), each prompt
+    run once: its keys and values are reused, with gradients, by every response continuing it.
+    Equal (up to rounding) to running every prompt + response row in full."""
+    trunk = model.base_model
+    out = trunk(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                position_ids=position_ids(batch.prompt_mask), use_cache=True)
+    owner = batch.owner
+    cache = out.past_key_values
+    cache.batch_select_indices(owner)  # each response gets its prompt's keys and values
+    R = batch.response_ids.shape[1]
+    start = batch.prompt_mask.sum(-1)[owner]  # positions continue after the prompt's real tokens
+    positions = start[:, None] + torch.arange(R, device=start.device)
+    mask = torch.cat([batch.prompt_mask[owner], batch.response_mask], 1)
+    responses = trunk(input_ids=batch.response_ids, attention_mask=mask, position_ids=positions,
+                      past_key_values=cache, use_cache=True)
+    return out.last_hidden_state, responses.last_hidden_state
+
+
+def shared_sequence_logprobs(model, batch: SharedBatch, *, temperature: float = 1.0) -> torch.Tensor:
+    """Sum over each response's tokens of log pi(y_t | x, y_<t), (M,), each prompt run once; the LM
+    head runs only where a response token is predicted (the prompt's last position, then the response's)."""
+    prompt_hidden, response_hidden = forward_shared(model, batch)
+    head = model.get_output_embeddings()
+    hidden = torch.cat([prompt_hidden[batch.owner, -1:], response_hidden[:, :-1]], 1)  # (M, R, d)
+    out = []
+    for i in range(0, hidden.shape[0], 8):  # bounded memory for the (b, R, V) logits
+        logp = F.log_softmax(head(hidden[i:i + 8]).float() / temperature, -1)
+        token = torch.gather(logp, 2, batch.response_ids[i:i + 8].unsqueeze(-1)).squeeze(-1)
+        out.append((token * batch.response_mask[i:i + 8]).sum(-1))
+    return torch.cat(out)
+
+
 def token_logprobs(model, batch: Batch, *, temperature: float = 1.0, hidden: torch.Tensor | None = None,
                    with_entropy: bool = False):
-    """Log-probabilities (B, T) of each token given the ones before it (column 0 is 0).
+    """Log-probabilities (B, T) of each response token given the ones before it; 0 in the
+    prompt columns (before `batch.prompt_len`), where no response token is predicted.
 
     Logits are divided by the sampling temperature, so these match the sampler's
-    log-probs. Only the chosen tokens' log-probs are kept: the (B, T, V) logits are
-    made and freed in chunks over the batch. With `with_entropy`, also returns the
-    entropy (B, T) of the distribution each token was drawn from.
+    log-probs. The LM head runs only at the positions that predict a response token, and
+    only the chosen tokens' log-probs are kept: the (B, R, V) logits are made and freed in
+    chunks over the batch. With `with_entropy`, also returns the entropy (B, T) of the
+    distribution each response token was drawn from.
     """
     if hidden is None:
         hidden = forward_hidden(model, batch.input_ids, batch.attention_mask)
     head = model.get_output_embeddings()
     logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
     entropy = torch.zeros_like(logprobs) if with_entropy else None
-    for i in range(0, hidden.shape[0], 8):  # bounded memory for the (b, T, V) logits
-        logp = F.log_softmax(head(hidden[i:i + 8, :-1]).float() / temperature, -1)
-        targets = batch.input_ids[i:i + 8, 1:]
-        logprobs[i:i + 8, 1:] = torch.gather(logp, 2, targets.unsqueeze(-1)).squeeze(-1)
+    P = max(1, batch.prompt_len)  # responses start at column P; position t - 1 predicts token t
+    for i in range(0, hidden.shape[0], 8):  # bounded memory for the (b, R, V) logits
+        logp = F.log_softmax(head(hidden[i:i + 8, P - 1:-1]).float() / temperature, -1)
+        targets = batch.input_ids[i:i + 8, P:]
+        logprobs[i:i + 8, P:] = torch.gather(logp, 2, targets.unsqueeze(-1)).squeeze(-1)
         if with_entropy:
-            entropy[i:i + 8, 1:] = -(logp.exp() * logp).sum(-1)
+            entropy[i:i + 8, P:] = -(logp.exp() * logp).sum(-1)
     return (logprobs, entropy) if with_entropy else logprobs
 
 
@@ -240,14 +320,17 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class TokenLogprobs(torch.nn.Module):
-    """A policy whose forward gives token log-probs (B, T): the module the optimiser and
-    accelerate wrap, so DDP sees (and syncs) the gradients of that one forward call."""
+    """A policy whose forward gives token log-probs (B, T) of a Batch, or the sequence log-probs
+    (M,) of a SharedBatch's responses: the module the optimiser and accelerate wrap, so DDP
+    sees (and syncs) the gradients of that one forward call."""
 
     def __init__(self, policy):
         super().__init__()
         self.policy = policy
 
-    def forward(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    def forward(self, batch: Batch | SharedBatch, temperature: float = 1.0) -> torch.Tensor:
+        if isinstance(batch, SharedBatch):
+            return shared_sequence_logprobs(self.policy, batch, temperature=temperature)
         return token_logprobs(self.policy, batch, temperature=temperature)
 
 
@@ -322,3 +405,22 @@ def evaluate_nll(model, examples: list[LMExample], pad_id: int, batch_size: int)
         total, count = total + float(nll), count + n
     model.train(was_training)
     return total / max(1, count)
+
+
+@torch.no_grad()
+def batched_pair_logprobs(model, tokenizer, prompts: Sequence, chosen: Sequence[str], rejected: Sequence[str], *,
+                          max_prompt_len: int, max_response_len: int, batch_size: int = 32
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs (N,) of the chosen and of the rejected responses, each prompt run once
+    for its two responses, in batches, without gradients."""
+    was_training = model.training
+    model.eval()
+    out = [torch.zeros(0)]
+    for i in range(0, len(prompts), batch_size):
+        batch = shared_batch(tokenizer, prompts[i:i + batch_size], list(zip(chosen[i:i + batch_size],
+                                                                             rejected[i:i + batch_size])),
+                             max_prompt_len=max_prompt_len, max_response_len=max_response_len)
+        out.append(shared_sequence_logprobs(model, batch.to(device_of(model))).cpu())
+    model.train(was_training)
+    logps = torch.cat(out)
+    return logps[0::2], logps[1::2]

@@ -35,8 +35,10 @@ from torch import nn
 
 from heed.models import (
     Batch,
+    SharedBatch,
     disable_dropout,
     forward_hidden,
+    forward_shared,
     last_token_index,
     load_policy,
     load_tokenizer,
@@ -69,11 +71,25 @@ class RewardMember(nn.Module):
         model, _ = load_policy(path)
         return cls(model.base_model, seed=seed)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Raw rewards (B,) at each row's last real token."""
+    def forward(self, input_ids: torch.Tensor | SharedBatch, attention_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Raw rewards (B,) at each row's last real token; given a SharedBatch, (M,) rewards of its
+        responses, each prompt run once (the path training takes: DDP sees one forward either way)."""
+        if isinstance(input_ids, SharedBatch):
+            return self.forward_shared(input_ids)
         hidden = forward_hidden(self.trunk, input_ids, attention_mask)             # (B, T, d)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
         return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()     # (B,)
+
+    def forward_shared(self, batch: SharedBatch) -> torch.Tensor:
+        """Raw rewards (M,) of responses that share prompts, each prompt run once (models.forward_shared)."""
+        prompt_hidden, response_hidden = forward_shared(self.trunk, batch)
+        lengths = batch.response_mask.sum(-1)
+        rows = torch.arange(len(lengths), device=lengths.device)
+        last = response_hidden[rows, (lengths - 1).clamp(min=0)]
+        # an empty response: the reward is read at the prompt's last token
+        last = torch.where((lengths > 0)[:, None], last, prompt_hidden[batch.owner, -1])
+        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file

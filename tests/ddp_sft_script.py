@@ -1,6 +1,6 @@
 """Run a few SFT steps (under `accelerate launch` or plain python) and save each rank's weights.
 
-Used by tests/test_train.py::test_two_process_sft_matches_one_process.
+Used by tests/test_train.py::test_two_process_training_matches_one_process.
 usage: ddp_sft_script.py BASE_MODEL DEMOS OUT
 """
 

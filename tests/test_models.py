@@ -76,3 +76,30 @@ def test_sampling_is_seeded(tiny_base):
     assert [s.response_ids for s in a] == [s.response_ids for s in b]
     greedy = generate(model, tok, ["Describe the Buba."] * 2, max_new_tokens=16, temperature=0)
     assert greedy[0].response_ids == greedy[1].response_ids
+
+
+def test_shared_prompts_give_the_same_logprobs_rewards_and_gradients(tiny_base):
+    """Each prompt run once for all its responses (a pair's two, a ranking's K) equals running every
+    prompt + response row in full: sequence log-probs, rewards, and the reward model's gradients."""
+    from heed.models import sequence_logprobs, shared_batch, shared_sequence_logprobs
+    from heed.reward_model import RewardMember
+
+    model, tok = load_policy(tiny_base)
+    prompts = ["Is the Febo black?", [{"role": "user", "content": "Describe the Buba."},
+                                      {"role": "assistant", "content": "The Buba is a small fish."},
+                                      {"role": "user", "content": "Where does it live?"}]]
+    groups = [["Yes, the Febo is black.", "No."], ["It lives in the sea, far from here.", "Sea.", "In the river."]]
+    shared = shared_batch(tok, prompts, groups, max_prompt_len=96, max_response_len=48)
+    full = make_batch(tok, [p for p, g in zip(prompts, groups) for _ in g], [r for g in groups for r in g])
+    torch.testing.assert_close(shared_sequence_logprobs(model, shared),
+                               sequence_logprobs(token_logprobs(model, full), full), atol=1e-4, rtol=1e-4)
+    member = RewardMember(model.base_model, seed=0)
+    grads = []
+    for rewards in (lambda: member(shared), lambda: member(full.input_ids, full.attention_mask)):
+        member.zero_grad()
+        r = rewards()
+        (r * torch.arange(1.0, 6.0)).sum().backward()
+        grads.append((r.detach(), [p.grad.clone() for p in member.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

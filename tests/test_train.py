@@ -80,10 +80,12 @@ def test_killed_pretraining_resumes_and_matches_uninterrupted_run(world_dir, tmp
 
 
 @pytest.mark.slow
-def test_two_process_sft_matches_one_process(tiny_base, world_dir, tmp_path):
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_two_process_training_matches_one_process(tiny_base, world_dir, tmp_path, stage):
+    """SFT (the LM loss, token-count scaling) and DPO (pairs sharing their prompt, row-count scaling)."""
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.fail("accelerate's launcher is not installed next to this python")
-    script = Path(__file__).with_name("ddp_sft_script.py")
+    script = Path(__file__).with_name(f"ddp_{stage}_script.py")
     env = dict(os.environ, HEED_QUIET="1", OMP_NUM_THREADS="1")
     launcher = str(Path(sys.executable).parent / "accelerate")
     two = tmp_path / "two"

@@ -227,7 +227,7 @@ def train_offline(model: torch.nn.Module, rows: Sequence, cfg: OfflineConfig, to
                   save: Callable[[torch.nn.Module], None], data_seed: int,
                   count: Callable[[list], int] = len, evaluate: Callable[[torch.nn.Module], dict] | None = None,
                   run_dir: str | Path | None = None, log_dir: str | Path | None = None, tags: dict | None = None,
-                  state: dict | None = None) -> dict:
+                  state: dict | None = None, accelerator=None) -> dict:
     """Minimise `loss` over `rows` for `total_steps` optimiser steps; returns the last metrics.
 
     Each step takes the next `cfg.batch_size` rows of a shuffle seeded by `data_seed` (a new
@@ -239,14 +239,16 @@ def train_offline(model: torch.nn.Module, rows: Sequence, cfg: OfflineConfig, to
     `cfg.eval_every` steps and at the end, `evaluate(model)` adds held-out metrics.
 
     A killed run resumes from its last checkpoint at the same point of the same data order.
-    At the end `save(model)` runs on the main process, and `run_dir/trainer_done.json` (the
+    `accelerator` (made here by default) lets a stage use it before training: it must exist before
+    anything asks accelerate which process it is. At the end `save(model)` runs on the main
+    process, and `run_dir/trainer_done.json` (the
     last metrics and `state`) marks the run done: a later call returns it and trains nothing.
     """
     run_dir = Path(run_dir or cfg.out)
     done = already_trained(run_dir)
     if done is not None:
         return done
-    learner = Learner(model, cfg, total_steps, run_dir=run_dir, log_dir=log_dir)
+    learner = Learner(model, cfg, total_steps, run_dir=run_dir, log_dir=log_dir, accelerator=accelerator)
     if learner.world > 1 and cfg.batch_size % learner.world:
         raise HeedError(f"batch_size {cfg.batch_size} must divide evenly across {learner.world} processes")
     if learner.is_main:

@@ -33,18 +33,17 @@ from typing import Sequence
 
 import torch
 
-from heed.algos.common import OfflineConfig, already_trained, train_offline
+from heed.algos.common import OfflineConfig, already_trained, make_accelerator, train_offline
 from heed.config import option
 from heed.data import Pair, read_preference_pairs
 from heed.losses import dpo_implicit_reward, dpo_loss
 from heed.models import (
     TokenLogprobs,
-    batched_sequence_logprobs,
+    batched_pair_logprobs,
     device_of,
     load_policy,
-    make_batch,
     save_model,
-    sequence_logprobs,
+    shared_batch,
 )
 from heed.utils import HeedError, seed_everything
 
@@ -77,9 +76,9 @@ class DPOConfig(OfflineConfig):
 
 def pair_logprobs(model, tokenizer, pairs: Sequence[Pair], **lengths) -> dict[str, torch.Tensor]:
     """{"chosen", "rejected"}: sequence log-probs (N,) of every pair's two responses, no gradients."""
-    prompts = [p.prompt for p in pairs]
-    return {"chosen": batched_sequence_logprobs(model, tokenizer, prompts, [p.chosen for p in pairs], **lengths),
-            "rejected": batched_sequence_logprobs(model, tokenizer, prompts, [p.rejected for p in pairs], **lengths)}
+    chosen, rejected = batched_pair_logprobs(model, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                                             [p.rejected for p in pairs], **lengths)
+    return {"chosen": chosen, "rejected": rejected}
 
 
 def pair_stats(chosen, rejected, ref_chosen, ref_rejected, cfg: DPOConfig) -> tuple[torch.Tensor, dict]:
@@ -100,6 +99,7 @@ def run(cfg: DPOConfig) -> dict:
     if cfg.loss_type == "ipo" and cfg.label_smoothing:
         raise HeedError("--label-smoothing applies to the sigmoid loss only")
     seed_everything(cfg.seed)
+    accelerator = make_accelerator(cfg)  # first: on a CPU, multi-process runs are set up here
 
     # 1. pairs
     pairs, ties = read_preference_pairs(cfg.data, cfg.format, cfg.skip_invalid)
@@ -122,20 +122,16 @@ def run(cfg: DPOConfig) -> dict:
         if heldout:
             ref["heldout"] = pair_logprobs(reference, tokenizer, heldout, **lengths)
         del reference
-        from accelerate import PartialState
-
-        if PartialState().is_main_process:
+        if accelerator.is_main_process:
             torch.save(ref, cache)
 
     # 3. update: rows are pair indices, so the cached reference log-probs are looked up by pair
     def loss(model, chunk: list[int]):
+        # chosen and rejected in one forward pass, their prompt run once
         rows = [pairs[i] for i in chunk]
-        n = len(rows)
-        # chosen and rejected in one forward pass: rows 0..n-1 chosen, n..2n-1 rejected
-        batch = make_batch(tokenizer, [r.prompt for r in rows] * 2, [r.chosen for r in rows] +
-                           [r.rejected for r in rows], **lengths).to(device_of(model))
-        logps = sequence_logprobs(model(batch), batch)
-        losses, stats = pair_stats(logps[:n], logps[n:], ref["chosen"][chunk].to(logps.device),
+        batch = shared_batch(tokenizer, [r.prompt for r in rows], [[r.chosen, r.rejected] for r in rows], **lengths)
+        logps = model(batch.to(device_of(model)))  # (2n,): chosen and rejected of pair i at 2i and 2i + 1
+        losses, stats = pair_stats(logps[0::2], logps[1::2], ref["chosen"][chunk].to(logps.device),
                                    ref["rejected"][chunk].to(logps.device), cfg)
         return losses.sum(), stats
 
@@ -150,7 +146,8 @@ def run(cfg: DPOConfig) -> dict:
     metrics = train_offline(TokenLogprobs(policy), list(range(len(pairs))), cfg, total_steps, stage="dpo",
                             loss=loss, evaluate=evaluate if heldout else None, data_seed=cfg.seed * 1000,
                             save=lambda m: save_model(m.policy, tokenizer, out),  # 4.
-                            state={"steps": total_steps, "pairs": len(pairs), "ties_dropped": ties})
+                            state={"steps": total_steps, "pairs": len(pairs), "ties_dropped": ties},
+                            accelerator=accelerator)
     print(f"dpo: {total_steps} steps; last loss {metrics['train/loss']:.3f}, implicit-reward accuracy "
           f"{metrics['rewards/accuracy']:.2f}, saved to {out}")
     return metrics

@@ -41,15 +41,7 @@ from heed.data import read_prompts, read_reward_pairs, write_jsonl
 from heed.filter import SELECTIONS, filter_rows, token_length
 from heed.generate import generate
 from heed.losses import rebel_loss
-from heed.models import (
-    TokenLogprobs,
-    batched_sequence_logprobs,
-    device_of,
-    load_policy,
-    make_batch,
-    save_model,
-    sequence_logprobs,
-)
+from heed.models import TokenLogprobs, batched_pair_logprobs, device_of, load_policy, save_model, shared_batch
 from heed.rules import load_reward
 from heed.utils import HeedError, progress, seed_everything
 
@@ -106,21 +98,20 @@ class REBELTrainer:
         lengths = dict(max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len)
         prompts = [p["prompt"] for p in pairs]
         # log pi_t of every response, one batched pass before the update
-        old_a = batched_sequence_logprobs(self.policy, tok, prompts, [p["chosen"] for p in pairs], **lengths)
-        old_b = batched_sequence_logprobs(self.policy, tok, prompts, [p["rejected"] for p in pairs], **lengths)
+        old_a, old_b = batched_pair_logprobs(self.policy, tok, prompts, [p["chosen"] for p in pairs],
+                                             [p["rejected"] for p in pairs], **lengths)
         reward_a = torch.tensor([float(p["chosen_reward"]) for p in pairs])
         reward_b = torch.tensor([float(p["rejected_reward"]) for p in pairs])
         stats: dict[str, list[float]] = {"train/grad_norm": []}
 
         def loss(chunk: list[int], n_global: int) -> torch.Tensor:
-            n = len(chunk)
-            batch = make_batch(tok, [prompts[i] for i in chunk] * 2, [pairs[i]["chosen"] for i in chunk]
-                               + [pairs[i]["rejected"] for i in chunk], **lengths).to(device_of(learner.model))
-            logps = sequence_logprobs(learner.model(batch), batch)
-            dev = logps.device
-            losses = rebel_loss(logps[:n], logps[n:], old_a[chunk].to(dev), old_b[chunk].to(dev),
+            batch = shared_batch(tok, [prompts[i] for i in chunk],
+                                 [[pairs[i]["chosen"], pairs[i]["rejected"]] for i in chunk], **lengths)
+            logps = learner.model(batch.to(device_of(learner.model)))  # pair i: chosen 2i, rejected 2i + 1
+            a, b, dev = logps[0::2], logps[1::2], logps.device
+            losses = rebel_loss(a, b, old_a[chunk].to(dev), old_b[chunk].to(dev),
                                 reward_a[chunk].to(dev), reward_b[chunk].to(dev), cfg.eta)
-            ratio_diff = ((logps[:n] - old_a[chunk].to(dev)) - (logps[n:] - old_b[chunk].to(dev))).detach()
+            ratio_diff = ((a - old_a[chunk].to(dev)) - (b - old_b[chunk].to(dev))).detach()
             stats.setdefault("train/loss", []).extend(losses.detach().tolist())
             stats.setdefault("rebel/logratio_diff", []).extend(ratio_diff.tolist())
             return global_mean(losses.sum(), n_global, learner.world)

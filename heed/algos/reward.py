@@ -47,7 +47,7 @@ from heed.data import (
 )
 from heed.generate import sample_prompts
 from heed.losses import bradley_terry_loss, centering_loss, ranking_loss, rating_loss, thumbs_loss
-from heed.models import device_of, load_policy, load_tokenizer, make_batch
+from heed.models import device_of, load_policy, load_tokenizer, shared_batch
 from heed.reward_metrics import evaluate_rows, format_metrics
 from heed.reward_model import RewardMember, RewardModel
 from heed.rules import load_reward
@@ -133,20 +133,6 @@ def row_losses(rewards: torch.Tensor, rows: list, *, rating_mean: float = 0.0, r
     return losses
 
 
-def flat_batch(tokenizer, rows: list, max_prompt_len: int, max_response_len: int):
-    prompts, responses = [], []
-    for row in rows:
-        for r in responses_of(row):
-            prompts.append(row.prompt)
-            responses.append(r)
-    return make_batch(tokenizer, prompts, responses, max_prompt_len=max_prompt_len,
-                      max_response_len=max_response_len)
-
-
-# ---------------------------------------------------------------------------
-# heed rm train
-# ---------------------------------------------------------------------------
-
 def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, heldout_rows: list,
                  rating_stats: tuple[float, float]) -> None:
     """Train ensemble member k on its resample of `train_rows` (the loop of
@@ -160,8 +146,9 @@ def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, he
     rating_mean, rating_std = rating_stats
 
     def loss(member, chunk: list):
-        batch = flat_batch(tokenizer, chunk, cfg.max_prompt_len, cfg.max_response_len).to(device_of(member))
-        rewards = member(batch.input_ids, batch.attention_mask)
+        batch = shared_batch(tokenizer, [row.prompt for row in chunk], [responses_of(row) for row in chunk],
+                             max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len)
+        rewards = member(batch.to(device_of(member)))  # each row's prompt runs once for all its responses
         return row_losses(rewards.float(), chunk, rating_mean=rating_mean, rating_std=rating_std,
                           center_coef=cfg.center_coef, use_margin=cfg.use_margin).sum(), {}
 
