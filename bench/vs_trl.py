@@ -16,6 +16,8 @@ Each measurement is one process with 2 threads, so its peak RSS is its own:
   rm    one epoch of reward-model training on the pairs, batch 16 (heed rm train; TRL RewardTrainer)
   dpo   one epoch of DPO on the pairs, batch 16, beta 0.1 (heed dpo, which caches the reference's
         log-probs before training; TRL DPOTrainer with its defaults, which runs the reference per step)
+  grpo  6 iterations of 16 prompts x 4 samples x 32 new tokens, beta 0.04, two optimiser steps of 32
+        each, on a brevity rule (heed grpo; TRL GRPOTrainer with loss_type "grpo")
   gen   sampling 64 new tokens for 64 prompts, batch 16, full distribution (heed's KV-cache sampler;
         Hugging Face `generate` in TRL's environment)
 It prints a table: seconds, heed / TRL speed, peak RSS and their ratio, and the FLOP/s each
@@ -40,6 +42,12 @@ WORK = HERE / ".vs_trl"
 TRL_VENV = WORK / "venv-trl"
 SIZES = {"5m": dict(n_embd=256, n_layer=4, n_head=4), "30m": dict(n_embd=512, n_layer=8, n_head=8)}
 BATCH, MAX_LEN, THREADS = 16, 256, 2
+GRPO_ITERATIONS = 6  # 16 prompts x 4 samples x 32 new tokens each, two optimiser steps of 32
+
+
+def brevity(prompts, completions, **_) -> list[float]:
+    """The rule both GRPO runs optimise: shorter is better (words)."""
+    return [-len(c.split()) / 20 for c in completions]
 
 
 # ---------------------------------------------------------------------------
@@ -155,6 +163,16 @@ def count_flops(model_dir: str, tokens: int, *, lm_head: bool, factor: int) -> f
     return factor * (body + (c.n_embd * c.vocab_size if lm_head else 0)) * tokens
 
 
+def grpo_flops(model_dir: str, ids: list[dict]) -> float:
+    """Sampling (2x) then one forward and backward (6x) of the policy and one reference forward
+    (2x), over 64 rows of prompt + 32 new tokens per iteration; the LM head on the new tokens."""
+    prompt = sum(len(r["prompt_ids"]) for r in ids) / len(ids)
+    rows = 64 * GRPO_ITERATIONS
+    return (count_flops(model_dir, rows * (prompt + 32), lm_head=False, factor=10)
+            + count_flops(model_dir, rows * 32, lm_head=True, factor=10)
+            - count_flops(model_dir, rows * 32, lm_head=False, factor=10))
+
+
 def worker(args) -> dict:
     torch = _threads()
     a = WORK / "assets"
@@ -212,6 +230,32 @@ def worker(args) -> dict:
             report_to="none", save_strategy="no", logging_steps=10 ** 6, use_cpu=True, bf16=bf16,
             learning_rate=1e-4, warmup_steps=0, beta=0.1, dataloader_num_workers=0)).train()
         result["flops"] = count_flops(model_dir, train_tokens, lm_head=True, factor=8)
+    elif args.worker == "heed-grpo":
+        from heed.algos.grpo import GroupTrainer, GRPOConfig
+
+        prompts = [json.loads(line)["prompt"] for line in (a / "pairs.jsonl").read_text().splitlines()]
+        cfg = GRPOConfig(policy=model_dir, prompts="-", reward=["-"], out=args.tmp, steps=GRPO_ITERATIONS,
+                         prompts_per_iteration=16, n=4, mini_batch_size=32, micro_batch_size=32,
+                         max_new_tokens=32, max_prompt_len=MAX_LEN, kl_coef=0.04, bf16=bf16, save_every=10 ** 9)
+        trainer = GroupTrainer(cfg, reward_fn=brevity, prompts=prompts)
+        t0 = time.perf_counter()
+        trainer.train()
+        result["flops"] = grpo_flops(model_dir, ids)
+    elif args.worker == "trl-grpo":
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import GRPOConfig, GRPOTrainer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        data = Dataset.from_list([{"prompt": tok.decode(r["prompt_ids"])} for r in ids])
+        t0 = time.perf_counter()
+        GRPOTrainer(model=model, processing_class=tok, train_dataset=data, reward_funcs=brevity, args=GRPOConfig(
+            output_dir=args.tmp, per_device_train_batch_size=32, generation_batch_size=64,
+            num_generations=4, max_completion_length=32, beta=0.04, loss_type="grpo", temperature=1.0, top_k=0,
+            max_steps=2 * GRPO_ITERATIONS, report_to="none", save_strategy="no", logging_steps=10 ** 6, use_cpu=True,
+            bf16=bf16, learning_rate=5e-5, warmup_steps=0, dataloader_num_workers=0)).train()
+        result["flops"] = grpo_flops(model_dir, ids)
     elif args.worker in ("heed-gen", "hf-gen"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -280,7 +324,8 @@ def main() -> None:
     info = build(args.pairs, sizes)
     print(f"{args.pairs} pairs, {info['tokens_per_sequence']:.0f} tokens per sequence on average "
           f"({info['min']}-{info['max']}); batch {BATCH}; {THREADS} threads", flush=True)
-    peers = {"rm": ("heed-rm", "trl-rm"), "dpo": ("heed-dpo", "trl-dpo"), "gen": ("heed-gen", "hf-gen")}
+    peers = {"rm": ("heed-rm", "trl-rm"), "dpo": ("heed-dpo", "trl-dpo"), "grpo": ("heed-grpo", "trl-grpo"),
+             "gen": ("heed-gen", "hf-gen")}
     rows = []
     for dtype in dtypes:
         gemm = run_worker(Path(sys.executable), "gemm", "5m", dtype)["flops_per_s"]
