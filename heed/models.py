@@ -158,6 +158,13 @@ class Batch:
         """The batch of the given rows (a 1-D index tensor)."""
         return Batch(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows], self.prompt_len)
 
+    def share_prompts(self, group_size: int) -> "SharedBatch":
+        """The same rows as a SharedBatch, when each run of `group_size` rows shares one prompt."""
+        P, B = self.prompt_len, self.input_ids.shape[0]
+        return SharedBatch(self.input_ids[::group_size, :P], self.attention_mask[::group_size, :P],
+                           torch.full((B // group_size,), group_size, dtype=torch.long, device=self.input_ids.device),
+                           self.input_ids[:, P:], self.response_mask[:, P:])
+
 
 def encode_prompts(tokenizer, prompts: Sequence, max_len: int) -> list[list[int]]:
     """Token ids of each formatted prompt; long prompts keep their end (the question)."""
@@ -272,9 +279,10 @@ def forward_shared(model, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tenso
     return out.last_hidden_state, responses.last_hidden_state
 
 
-def shared_sequence_logprobs(model, batch: SharedBatch, *, temperature: float = 1.0) -> torch.Tensor:
-    """Sum over each response's tokens of log pi(y_t | x, y_<t), (M,), each prompt run once; the LM
-    head runs only where a response token is predicted (the prompt's last position, then the response's)."""
+def shared_token_logprobs(model, batch: SharedBatch, *, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) of every response token, (M, R), 0 on padding; each prompt run once,
+    the LM head only where a response token is predicted (the prompt's last position, then the
+    response's)."""
     prompt_hidden, response_hidden = forward_shared(model, batch)
     head = model.get_output_embeddings()
     hidden = torch.cat([prompt_hidden[batch.owner, -1:], response_hidden[:, :-1]], 1)  # (M, R, d)
@@ -282,8 +290,13 @@ def shared_sequence_logprobs(model, batch: SharedBatch, *, temperature: float = 
     for i in range(0, hidden.shape[0], 8):  # bounded memory for the (b, R, V) logits
         logp = F.log_softmax(head(hidden[i:i + 8]).float() / temperature, -1)
         token = torch.gather(logp, 2, batch.response_ids[i:i + 8].unsqueeze(-1)).squeeze(-1)
-        out.append((token * batch.response_mask[i:i + 8]).sum(-1))
+        out.append(token * batch.response_mask[i:i + 8])
     return torch.cat(out)
+
+
+def shared_sequence_logprobs(model, batch: SharedBatch, *, temperature: float = 1.0) -> torch.Tensor:
+    """Sum over each response's tokens of log pi(y_t | x, y_<t), (M,), each prompt run once."""
+    return shared_token_logprobs(model, batch, temperature=temperature).sum(-1)
 
 
 def token_logprobs(model, batch: Batch, *, temperature: float = 1.0, hidden: torch.Tensor | None = None,
@@ -320,9 +333,9 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class TokenLogprobs(torch.nn.Module):
-    """A policy whose forward gives token log-probs (B, T) of a Batch, or the sequence log-probs
-    (M,) of a SharedBatch's responses: the module the optimiser and accelerate wrap, so DDP
-    sees (and syncs) the gradients of that one forward call."""
+    """A policy whose forward gives token log-probs: (B, T) of a Batch, (M, R) of a SharedBatch's
+    responses: the module the optimiser and accelerate wrap, so DDP sees (and syncs) the
+    gradients of that one forward call."""
 
     def __init__(self, policy):
         super().__init__()
@@ -330,7 +343,7 @@ class TokenLogprobs(torch.nn.Module):
 
     def forward(self, batch: Batch | SharedBatch, temperature: float = 1.0) -> torch.Tensor:
         if isinstance(batch, SharedBatch):
-            return shared_sequence_logprobs(self.policy, batch, temperature=temperature)
+            return shared_token_logprobs(self.policy, batch, temperature=temperature)
         return token_logprobs(self.policy, batch, temperature=temperature)
 
 

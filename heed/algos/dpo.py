@@ -130,7 +130,8 @@ def run(cfg: DPOConfig) -> dict:
         # chosen and rejected in one forward pass, their prompt run once
         rows = [pairs[i] for i in chunk]
         batch = shared_batch(tokenizer, [r.prompt for r in rows], [[r.chosen, r.rejected] for r in rows], **lengths)
-        logps = model(batch.to(device_of(model)))  # (2n,): chosen and rejected of pair i at 2i and 2i + 1
+        batch = batch.to(device_of(model))
+        logps = (model(batch) * batch.response_mask).sum(-1)  # (2n,): pair i's chosen at 2i, rejected at 2i + 1
         losses, stats = pair_stats(logps[0::2], logps[1::2], ref["chosen"][chunk].to(logps.device),
                                    ref["rejected"][chunk].to(logps.device), cfg)
         return losses.sum(), stats

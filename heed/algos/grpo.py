@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from heed.algos.common import already_trained
 from heed.algos.online import OnlineTrainer, Rollout, RolloutConfig
@@ -80,6 +81,9 @@ class GroupTrainer(OnlineTrainer):
     def __init__(self, cfg: GRPOConfig, **kwargs):
         if cfg.n < 2:
             raise HeedError("--n must be at least 2: the baseline comes from the other responses to the prompt")
+        if cfg.mini_batch_size % cfg.n or cfg.micro_batch_size % cfg.n:
+            raise HeedError(f"--mini-batch-size and --micro-batch-size must be multiples of --n ({cfg.n}): "
+                            "a prompt's responses stay in one micro-batch")
         self.name = "grpo" if cfg.baseline == "group" else "rloo"
         self.group_size = cfg.n
         super().__init__(cfg, **kwargs)
@@ -102,7 +106,8 @@ class GroupTrainer(OnlineTrainer):
 
         # 5. update
         def loss(rows: torch.Tensor, sub: Batch):
-            logprobs = self.learner.model(sub, cfg.temperature)
+            # each prompt of the minibatch runs once for its group (heed.models.forward_shared)
+            logprobs = F.pad(self.learner.model(sub.share_prompts(cfg.n), cfg.temperature), (sub.prompt_len, 0))
             value, stats = grpo_policy_loss(logprobs, exp.logprobs[rows], advantages[rows], mask[rows], cfg.cliprange,
                                             exp.ref_logprobs[rows], loss_kl)
             return value, {"loss/policy": value, **stats}

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from heed.algos.common import Learner, TrainConfig, global_mean, make_accelerator, micro_batches
 from heed.config import option, save as save_config
 from heed.generate import decode_response, sample_tokens, to_token_columns, trim_responses
-from heed.models import Batch, collate, encode_prompts, load_policy, save_model, token_logprobs
+from heed.models import Batch, collate, encode_prompts, load_policy, save_model, shared_token_logprobs, token_logprobs
 from heed.utils import HeedError, progress
 
 
@@ -162,9 +163,17 @@ class OnlineTrainer:
         def columns(x: torch.Tensor) -> torch.Tensor:  # (B, R) sampler order -> (B, T) token columns, masked
             return to_token_columns(x, batch.prompt_len, batch.input_ids.shape[1]).to(device) * mask
 
-        ref_logprobs = token_logprobs(self.reference, batch, temperature=cfg.temperature) * mask
+        ref_logprobs = self.logprobs(self.reference, batch) * mask
         return Rollout(repeated, [decode_response(tok, ids) for ids in response_ids], batch, mask, columns(logprobs),
                        ref_logprobs, finished, values=None if values is None else columns(values))
+
+    def logprobs(self, model, batch: Batch) -> torch.Tensor:
+        """Token log-probs (B, T) of `batch`'s responses under `model` (a causal LM); with groups of
+        several responses per prompt, each prompt runs once for its group (models.forward_shared)."""
+        if self.group_size == 1:
+            return token_logprobs(model, batch, temperature=self.cfg.temperature)
+        shared = shared_token_logprobs(model, batch.share_prompts(self.group_size), temperature=self.cfg.temperature)
+        return F.pad(shared, (batch.prompt_len, 0))
 
     # -- 2. score ------------------------------------------------------------------------------
     def score(self, exp: Rollout) -> tuple[torch.Tensor, dict]:
@@ -178,8 +187,9 @@ class OnlineTrainer:
     def minibatch_epochs(self, exp: Rollout, generator: torch.Generator,
                          loss: Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict]]) -> dict[str, list[float]]:
         """`self.epochs` passes over the rollout in minibatches of `mini_batch_size` rows,
-        reshuffled every pass, one optimiser step each. `loss(rows, sub_batch)` gives the mean
-        loss of the rows (a 1-D index tensor) and statistics; returns the statistics' lists."""
+        reshuffled every pass, one optimiser step each; a prompt's group of responses stays
+        together, so its prompt runs once. `loss(rows, sub_batch)` gives the mean loss of the
+        rows (a 1-D index tensor) and statistics; returns the statistics' lists."""
         cfg, learner = self.cfg, self.learner
         stats: dict[str, list[float]] = {}
 
@@ -192,7 +202,9 @@ class OnlineTrainer:
 
         learner.model.train()
         for _ in range(self.epochs):
-            order = torch.randperm(exp.mask.shape[0], generator=generator).tolist()
+            K = self.group_size
+            groups = torch.randperm(exp.mask.shape[0] // K, generator=generator)
+            order = (groups[:, None] * K + torch.arange(K)).flatten().tolist()
             for mb in micro_batches(order, cfg.mini_batch_size):
                 chunks = micro_batches(mb, cfg.micro_batch_size)
                 grad_norm = learner.step(chunks, lambda rows: micro_loss(rows, len(mb)))

@@ -107,7 +107,8 @@ class REBELTrainer:
         def loss(chunk: list[int], n_global: int) -> torch.Tensor:
             batch = shared_batch(tok, [prompts[i] for i in chunk],
                                  [[pairs[i]["chosen"], pairs[i]["rejected"]] for i in chunk], **lengths)
-            logps = learner.model(batch.to(device_of(learner.model)))  # pair i: chosen 2i, rejected 2i + 1
+            batch = batch.to(device_of(learner.model))
+            logps = (learner.model(batch) * batch.response_mask).sum(-1)  # pair i: chosen 2i, rejected 2i + 1
             a, b, dev = logps[0::2], logps[1::2], logps.device
             losses = rebel_loss(a, b, old_a[chunk].to(dev), old_b[chunk].to(dev),
                                 reward_a[chunk].to(dev), reward_b[chunk].to(dev), cfg.eta)
