@@ -347,28 +347,6 @@ class TokenLogprobs(torch.nn.Module):
         return token_logprobs(self.policy, batch, temperature=temperature)
 
 
-def sequence_logprobs(token_logps: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Sum over each row's response tokens of log pi(y_t | x, y_<t): (B, T) -> (B,)."""
-    return (token_logps * batch.response_mask).sum(-1)
-
-
-@torch.no_grad()
-def batched_sequence_logprobs(model, tokenizer, prompts: Sequence, responses: Sequence[str], *,
-                              max_prompt_len: int, max_response_len: int, batch_size: int = 64,
-                              device=None) -> torch.Tensor:
-    """Sequence log-probs (N,) of many (prompt, response) rows, in batches, without gradients."""
-    was_training = model.training
-    model.eval()
-    device = device or next(model.parameters()).device
-    out = [torch.zeros(0)]
-    for i in range(0, len(prompts), batch_size):
-        batch = make_batch(tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size],
-                           max_prompt_len=max_prompt_len, max_response_len=max_response_len).to(device)
-        out.append(sequence_logprobs(token_logprobs(model, batch), batch).cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
 # ---------------------------------------------------------------------------
 # Language-model sequences: token ids and a loss mask (pretraining and SFT)
 # ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 
 from heed.algos.dpo import DPOConfig, run
 from heed.data import read_preference_pairs, write_jsonl
-from heed.models import batched_sequence_logprobs, load_policy
+from heed.models import load_policy, make_batch, token_logprobs
 from heed.utils import HeedError
 
 
@@ -34,6 +34,15 @@ def test_read_pairs_takes_every_pairwise_format_and_drops_ties(tmp_path):
         read_preference_pairs([str(tmp_path / "bad.jsonl")])
 
 
+def full_sequence_logprobs(model, tokenizer, prompts, responses, *, max_prompt_len: int, max_response_len: int):
+    """Sequence log-probs (N,) with every prompt + response row run in full: the plain computation
+    the shared-prompt paths of heed are checked against."""
+    with torch.no_grad():
+        batch = make_batch(tokenizer, prompts, responses, max_prompt_len=max_prompt_len,
+                           max_response_len=max_response_len)
+        return (token_logprobs(model, batch) * batch.response_mask).sum(-1)
+
+
 def short_long_pairs(world_dir, n: int = 64) -> list[dict]:
     """Pairs where the rule (brevity) prefers the demonstration's first sentence, with its end,
     to the whole demonstration said twice."""
@@ -54,7 +63,7 @@ def test_short_dpo_run_prefers_the_rule_and_caches_reference_logps(tiny_base, wo
     # the reference pass was cached, and it holds the starting policy's sequence log-probs
     ref = torch.load(out / "reference_logps.pt")
     base, tok = load_policy(tiny_base)
-    expected = batched_sequence_logprobs(base, tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+    expected = full_sequence_logprobs(base, tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
                                          max_prompt_len=96, max_response_len=48)
     torch.testing.assert_close(ref["chosen"], expected)
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -70,7 +79,7 @@ def test_short_dpo_run_prefers_the_rule_and_caches_reference_logps(tiny_base, wo
     policy, _ = load_policy(out)
     margins = {}
     for name, model in (("policy", policy), ("base", base)):
-        logps = {k: batched_sequence_logprobs(model, tok, [r["prompt"] for r in held], [r[k] for r in held],
+        logps = {k: full_sequence_logprobs(model, tok, [r["prompt"] for r in held], [r[k] for r in held],
                                               max_prompt_len=96, max_response_len=48) for k in ("chosen", "rejected")}
         margins[name] = logps["chosen"] - logps["rejected"]
     assert (margins["policy"] > margins["base"]).float().mean() > 0.8

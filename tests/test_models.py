@@ -81,7 +81,7 @@ def test_sampling_is_seeded(tiny_base):
 def test_shared_prompts_give_the_same_logprobs_rewards_and_gradients(tiny_base):
     """Each prompt run once for all its responses (a pair's two, a ranking's K) equals running every
     prompt + response row in full: sequence log-probs, rewards, and the reward model's gradients."""
-    from heed.models import sequence_logprobs, shared_batch, shared_sequence_logprobs
+    from heed.models import shared_batch, shared_sequence_logprobs
     from heed.reward_model import RewardMember
 
     model, tok = load_policy(tiny_base)
@@ -92,7 +92,7 @@ def test_shared_prompts_give_the_same_logprobs_rewards_and_gradients(tiny_base):
     shared = shared_batch(tok, prompts, groups, max_prompt_len=96, max_response_len=48)
     full = make_batch(tok, [p for p, g in zip(prompts, groups) for _ in g], [r for g in groups for r in g])
     torch.testing.assert_close(shared_sequence_logprobs(model, shared),
-                               sequence_logprobs(token_logprobs(model, full), full), atol=1e-4, rtol=1e-4)
+                               (token_logprobs(model, full) * full.response_mask).sum(-1), atol=1e-4, rtol=1e-4)
     member = RewardMember(model.base_model, seed=0)
     grads = []
     for rewards in (lambda: member(shared), lambda: member(full.input_ids, full.attention_mask)):
