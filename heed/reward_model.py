@@ -52,9 +52,11 @@ META_FILE = "reward_model.json"
 class RewardMember(nn.Module):
     """One reward model: a causal-LM trunk and a linear head read at the last real token."""
 
-    def __init__(self, trunk: nn.Module, head: nn.Linear | None = None, *, seed: int = 0):
+    def __init__(self, trunk: nn.Module, head: nn.Linear | None = None, *, seed: int = 0,
+                 lm_head: nn.Module | None = None):
         super().__init__()
         self.trunk = trunk
+        self.lm_head = lm_head  # kept only while training with a language-modelling term
         d = trunk.config.hidden_size
         if head is None:
             head = nn.Linear(d, 1)
@@ -66,30 +68,43 @@ class RewardMember(nn.Module):
         disable_dropout(self.trunk)
 
     @classmethod
-    def from_policy(cls, path: str | Path, *, seed: int = 0) -> "RewardMember":
-        """A new member whose trunk is the causal LM at `path` (its LM head is dropped)."""
+    def from_policy(cls, path: str | Path, *, seed: int = 0, keep_lm_head: bool = False) -> "RewardMember":
+        """A new member whose trunk is the causal LM at `path` (its LM head dropped unless kept)."""
         model, _ = load_policy(path)
-        return cls(model.base_model, seed=seed)
+        return cls(model.base_model, seed=seed, lm_head=model.get_output_embeddings() if keep_lm_head else None)
 
-    def forward(self, input_ids: torch.Tensor | SharedBatch, attention_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | SharedBatch, attention_mask: torch.Tensor | None = None, *,
+                lm_rows: torch.Tensor | None = None):
         """Raw rewards (B,) at each row's last real token; given a SharedBatch, (M,) rewards of its
-        responses, each prompt run once (the path training takes: DDP sees one forward either way)."""
+        responses, each prompt run once (the path training takes: DDP sees one forward either way).
+        With `lm_rows` (indices of a SharedBatch's responses), also their mean next-token
+        negative log-likelihoods (len(lm_rows),) under the kept LM head."""
         if isinstance(input_ids, SharedBatch):
-            return self.forward_shared(input_ids)
+            return self.forward_shared(input_ids, lm_rows=lm_rows)
         hidden = forward_hidden(self.trunk, input_ids, attention_mask)             # (B, T, d)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
         return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()     # (B,)
 
-    def forward_shared(self, batch: SharedBatch) -> torch.Tensor:
-        """Raw rewards (M,) of responses that share prompts, each prompt run once (models.forward_shared)."""
+    def forward_shared(self, batch: SharedBatch, *, lm_rows: torch.Tensor | None = None):
+        """Raw rewards (M,) of responses that share prompts, each prompt run once (models.forward_shared);
+        with `lm_rows`, also those responses' mean token NLLs."""
         prompt_hidden, response_hidden = forward_shared(self.trunk, batch)
         lengths = batch.response_mask.sum(-1)
         rows = torch.arange(len(lengths), device=lengths.device)
         last = response_hidden[rows, (lengths - 1).clamp(min=0)]
         # an empty response: the reward is read at the prompt's last token
         last = torch.where((lengths > 0)[:, None], last, prompt_hidden[batch.owner, -1])
-        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
+        rewards = self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
+        if lm_rows is None:
+            return rewards
+        if self.lm_head is None:
+            raise ValueError("this member keeps no LM head (RewardMember.from_policy(..., keep_lm_head=True))")
+        # position t - 1 predicts response token t; the prompt's last position predicts the first
+        hidden = torch.cat([prompt_hidden[batch.owner[lm_rows], -1:], response_hidden[lm_rows, :-1]], 1)
+        targets = batch.response_ids[lm_rows].masked_fill(batch.response_mask[lm_rows] == 0, -100)
+        nll = nn.functional.cross_entropy(self.lm_head(hidden).float().transpose(1, 2), targets,
+                                          ignore_index=-100, reduction="none").sum(-1)
+        return rewards, nll / batch.response_mask[lm_rows].sum(-1).clamp(min=1)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file

@@ -151,3 +151,21 @@ def test_weighted_sum_of_rules_and_reward_model(members, tiny_base, tmp_path):
     assert parts[str(tmp_path / "rm")] == pytest.approx(rm_mean, abs=1e-5) and list(stds) == [str(tmp_path / "rm")]
     with pytest.raises(HeedError, match="named twice"):
         load_reward(["heed.rules:gold", "2*heed.rules:gold"])
+
+
+def test_lm_term_is_the_policy_nll_of_the_chosen_responses(tiny_base):
+    """With the LM head kept, a member's NLL of a response is the policy's own mean token NLL."""
+    from heed.models import load_policy, shared_batch, shared_token_logprobs
+
+    tok = load_tokenizer(tiny_base)
+    policy, _ = load_policy(tiny_base)
+    member = RewardMember.from_policy(tiny_base, keep_lm_head=True).eval()
+    batch = shared_batch(tok, PROMPTS, [[r, r + " More."] for r in RESPONSES], max_prompt_len=64, max_response_len=48)
+    rows = torch.tensor([0, 3, 5])
+    with torch.no_grad():
+        rewards, nll = member(batch, lm_rows=rows)
+        expected = -shared_token_logprobs(policy.eval(), batch)[rows].sum(-1) / batch.response_mask[rows].sum(-1)
+        assert torch.allclose(rewards, member(batch), atol=1e-6)  # the rewards are unchanged
+    assert torch.allclose(nll, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="LM head"):
+        RewardMember.from_policy(tiny_base)(batch, lm_rows=rows)

@@ -12,6 +12,7 @@ import torch
 
 from heed.cli import main
 from heed.data import read_feedback
+from heed.reward_model import RewardMember
 
 # Short sequences and a high learning rate keep these runs to seconds on a CPU.
 SHORT = ["--max-prompt-len", "40", "--max-response-len", "40", "--lr", "1e-3", "--norm-max-new-tokens", "12"]
@@ -202,6 +203,31 @@ def test_row_losses_dispatch_each_kind():
     assert got[2] == pytest.approx(float(ranking_loss(t([[0.2, -1.0, 0.7]]), t([[2, 0, 1]]))) + 0.1 * 0.01, abs=1e-6)
     assert got[3] == pytest.approx(float(rating_loss(t([0.9]), t([1.0]))), abs=1e-6)
     assert got[4] == pytest.approx(float(bradley_terry_loss(t([0.4]), t([0.4]), tie=t([True]))) + 0.1 * 0.64, abs=1e-6)
+
+
+def test_preferred_responses_of_each_kind():
+    """The LM term's responses: a pair's chosen (not a tie's), a ranking's top, a thumbs-up."""
+    from heed.algos.reward import preferred_responses
+    from heed.data import Pair, Ranking, Rating, Thumb
+
+    rows = [Pair("p", "a", "b"), Thumb("p", "c", False), Ranking("p", ["d", "e", "f"], [2, 0, 1]),
+            Rating("p", "g", 6.0), Pair("p", "h", "i", tie=True), Thumb("p", "j", True)]
+    assert preferred_responses(rows) == ([0, 2, 5], [0, 5, 9])
+
+
+def test_rm_train_lm_coef_logs_and_changes_the_trunk(tiny_base, tmp_path):
+    """--lm-coef adds the chosen responses' NLL: it is logged, and the trained trunk differs."""
+    src = write_jsonl(tmp_path / "samples.jsonl", world_samples(16, 4, seed=3))
+    main(["label", "oracle", "--samples", str(src), "--out", str(tmp_path / "pairs.jsonl"), "--kind", "pairs"])
+    trunks = {}
+    for coef in ("0", "2"):
+        out = tmp_path / f"rm{coef}"
+        assert main(["rm", "train", "--model", str(tiny_base), "--data", str(tmp_path / "pairs.jsonl"),
+                     "--out", str(out), *SHORT, "--epochs", "1", "--norm-samples", "0", "--lm-coef", coef]) == 0
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any("train/lm_nll" in row for row in logged) == (coef != "0")
+        trunks[coef] = RewardMember.load(out / "member_0").trunk.state_dict()
+    assert any(not torch.equal(trunks["0"][k], trunks["2"][k]) for k in trunks["0"])
 
 
 @pytest.mark.slow

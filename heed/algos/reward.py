@@ -67,6 +67,9 @@ class RewardTrainConfig(OfflineConfig):
     bootstrap: bool = option(True, "resample the training rows with replacement for each member (when K > 1)")
     center_coef: float = option(0.0, "weight of the reward-centring term (Eisenstein et al. 2023); 0 = off")
     use_margin: bool = option(True, "subtract pairs' margins inside the Bradley-Terry sigmoid")
+    lm_coef: float = option(0.0, "weight of a language-modelling term on each row's preferred response (the "
+                                 "chosen, the top-ranked, a thumbs-up), which keeps what the trunk knows "
+                                 "(Yang et al. 2024); 0 = off")
     max_prompt_len: int = option(96, "prompt tokens kept (the end of longer prompts)")
     max_response_len: int = option(96, "response tokens kept (EOS included)")
     norm_samples: int = option(256, "SFT samples on training prompts for the normalisation (0 = none)")
@@ -133,6 +136,25 @@ def row_losses(rewards: torch.Tensor, rows: list, *, rating_mean: float = 0.0, r
     return losses
 
 
+def preferred_responses(rows: list) -> tuple[list[int], list[int]]:
+    """(row index, flat response index) of each row's preferred response: a pair's chosen
+    (none for a tie), a ranking's top, a thumbs-up; ratings have none."""
+    row_idx, flat, n = [], [], 0
+    for i, row in enumerate(rows):
+        best = None
+        if isinstance(row, Pair) and not row.tie:
+            best = 0
+        elif isinstance(row, Ranking):
+            best = row.ranking[0]
+        elif isinstance(row, Thumb) and row.up:
+            best = 0
+        if best is not None:
+            row_idx.append(i)
+            flat.append(n + best)
+        n += len(responses_of(row))
+    return row_idx, flat
+
+
 def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, heldout_rows: list,
                  rating_stats: tuple[float, float]) -> None:
     """Train ensemble member k on its resample of `train_rows` (the loop of
@@ -148,9 +170,18 @@ def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, he
     def loss(member, chunk: list):
         batch = shared_batch(tokenizer, [row.prompt for row in chunk], [responses_of(row) for row in chunk],
                              max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len)
-        rewards = member(batch.to(device_of(member)))  # each row's prompt runs once for all its responses
-        return row_losses(rewards.float(), chunk, rating_mean=rating_mean, rating_std=rating_std,
-                          center_coef=cfg.center_coef, use_margin=cfg.use_margin).sum(), {}
+        batch = batch.to(device_of(member))
+        if not cfg.lm_coef:
+            rewards = member(batch)  # each row's prompt runs once for all its responses
+            return row_losses(rewards.float(), chunk, rating_mean=rating_mean, rating_std=rating_std,
+                              center_coef=cfg.center_coef, use_margin=cfg.use_margin).sum(), {}
+        rows_preferred, preferred = preferred_responses(chunk)
+        rewards, nll = member(batch, lm_rows=torch.tensor(preferred, dtype=torch.long, device=batch.counts.device))
+        losses = row_losses(rewards.float(), chunk, rating_mean=rating_mean, rating_std=rating_std,
+                            center_coef=cfg.center_coef, use_margin=cfg.use_margin)
+        losses = losses.index_add(0, torch.tensor(rows_preferred, dtype=torch.long, device=losses.device),
+                                  cfg.lm_coef * nll)
+        return losses.sum(), {"train/lm_nll": nll}
 
     def evaluate(member) -> dict:
         ev = evaluate_rows([member], tokenizer, heldout_rows, cfg)
@@ -159,7 +190,8 @@ def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, he
     if already_trained(member_dir) is not None:
         return
     total_steps = max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
-    train_offline(RewardMember.from_policy(cfg.model, seed=cfg.seed * 1000 + k), rows, cfg, total_steps,
+    member = RewardMember.from_policy(cfg.model, seed=cfg.seed * 1000 + k, keep_lm_head=cfg.lm_coef > 0)
+    train_offline(member, rows, cfg, total_steps,
                   stage=f"rm member {k}", loss=loss, evaluate=evaluate if heldout_rows else None,
                   save=lambda member: member.save(member_dir), data_seed=cfg.seed * 1000 + k * 100,
                   run_dir=member_dir, log_dir=cfg.out, tags={"member": k})
