@@ -101,7 +101,23 @@ def load_policy(path: str | Path, *, dtype: torch.dtype = torch.float32):
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     disable_dropout(model)
+    fuse_activations(model)
     return model, tokenizer
+
+
+def fuse_activations(model: torch.nn.Module) -> None:
+    """Swap transformers' `NewGELUActivation` ("gelu_new": GPT-2 and its kin) for the same
+    function in one fused kernel, `F.gelu(x, approximate="tanh")`. The Python version is six
+    elementwise operations whose outputs autograd keeps for the backward pass; the fused one
+    keeps its input only. Equal to float rounding; the config (and so a saved model) is unchanged.
+    On a GPT-2-style 5M model this takes 40% off a reward-model step's activation memory and
+    about a fifth off its time (docs/performance.md)."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

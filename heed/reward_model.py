@@ -39,6 +39,7 @@ from heed.models import (
     disable_dropout,
     forward_hidden,
     forward_shared,
+    fuse_activations,
     last_token_index,
     load_policy,
     load_tokenizer,
@@ -124,6 +125,7 @@ class RewardMember(nn.Module):
         if not (path / "head.safetensors").exists() or not (path / "config.json").exists():
             raise HeedError(f"{path}: not a reward-model member (needs config.json and head.safetensors)")
         trunk = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+        fuse_activations(trunk)
         state = load_file(str(path / "head.safetensors"))
         head = nn.Linear(state["weight"].shape[1], 1)
         head.load_state_dict(state)

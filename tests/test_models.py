@@ -103,3 +103,37 @@ def test_shared_prompts_give_the_same_logprobs_rewards_and_gradients(tiny_base):
     torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_gelu_equals_gpt2s_own(tiny_base, tmp_path):
+    """A GPT-2-style model loaded by heed runs GELU in one fused kernel: the same logits and
+    gradients as transformers' own NewGELUActivation, and the saved config is unchanged."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from heed.reward_model import RewardMember
+
+    tok = load_tokenizer(tiny_base)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=2,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    ours, _ = load_policy(tmp_path / "gpt2")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2").eval()
+    assert not any(isinstance(m, NewGELUActivation) for m in ours.modules())
+    assert sum(isinstance(m, GELUTanh) for m in ours.modules()) == 2
+    assert any(isinstance(m, NewGELUActivation) for m in theirs.modules())
+    batch = make_batch(tok, ["Is the Febo black?", "Describe the Buba."], ["Yes.", "The Buba is a small fish."])
+    results = []
+    for model in (ours, theirs):
+        model.zero_grad()
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        (logits.float().square().mean()).backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    member = RewardMember.from_policy(tmp_path / "gpt2")
+    member.save(tmp_path / "member")
+    assert not any(isinstance(m, NewGELUActivation) for m in RewardMember.load(tmp_path / "member").modules())
+    assert '"gelu_new"' in (tmp_path / "member" / "config.json").read_text()
