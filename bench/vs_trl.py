@@ -3,8 +3,9 @@
     .venv/bin/python bench/vs_trl.py                                  # ~5M model, fp32: rm, dpo, gen
     .venv/bin/python bench/vs_trl.py --sizes 5m,30m --dtypes fp32,bf16 --out docs/vs_trl.json
 
-On first use it makes its own virtual environment, bench/.vs_trl/venv-trl, with TRL's current
-release and torch 2.13.0 pinned (never in heed's own dependencies). It builds, with heed:
+On first use it makes its own virtual environments, with torch 2.13.0 pinned (never in heed's own
+dependencies): bench/.vs_trl/venv-trl with TRL's current release, and for ppo bench/.vs_trl/venv-trl-ppo
+with TRL 1.12, the last release with a PPOTrainer. It builds, with heed:
 - a byte-level BPE tokenizer (8k) and GPT-2-style causal LMs initialised at random
   (~5M: 256 wide, 4 layers; ~30M: 512 wide, 8 layers);
 - preference pairs of realistic length from the embedded world: multi-turn dialogues whose
@@ -18,11 +19,17 @@ Each measurement is one process with 2 threads, so its peak RSS is its own:
         log-probs before training; TRL DPOTrainer with its defaults, which runs the reference per step)
   grpo  6 iterations of 16 prompts x 4 samples x 32 new tokens, beta 0.04, two optimiser steps of 32
         each, on a brevity rule (heed grpo; TRL GRPOTrainer with loss_type "grpo")
+  rloo  the same work with leave-one-out baselines and beta 0.04 as a KL penalty on the reward
+        (heed rloo; TRL RLOOTrainer)
+  ppo   6 iterations of 16 prompts x 32 new tokens, 4 epochs of one minibatch of 16, KL coefficient
+        0.05 (fixed), a separate value model and an untrained reward model on the same trunk (heed ppo
+        with --separate-critic; TRL 1.12's PPOTrainer); heed stops a response at EOS, TRL samples 32
   gen   sampling 64 new tokens for 64 prompts, batch 16, full distribution (heed's KV-cache sampler;
         Hugging Face `generate` in TRL's environment)
 It prints a table: seconds, heed / TRL speed, peak RSS and their ratio, and the FLOP/s each
-achieved (6 x non-embedding parameters x tokens for training, 2 x for sampling; the LM head is
-counted where it is computed) as a share of this machine's measured GEMM rate for the dtype.
+achieved (6 x non-embedding parameters x tokens for training, 2 x for sampling and other forward
+passes; the LM head is counted where it is computed; both sides of a row are counted alike) as a
+share of this machine's measured GEMM rate for the dtype.
 """
 
 from __future__ import annotations
@@ -39,10 +46,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".vs_trl"
-TRL_VENV = WORK / "venv-trl"
+TRL_VENV, PPO_VENV = WORK / "venv-trl", WORK / "venv-trl-ppo"
+VENVS = {TRL_VENV: "trl", PPO_VENV: "trl==1.12.*"}  # TRL's PPOTrainer (trl.experimental.ppo) ends at 1.12
 SIZES = {"5m": dict(n_embd=256, n_layer=4, n_head=4), "30m": dict(n_embd=512, n_layer=8, n_head=8)}
 BATCH, MAX_LEN, THREADS = 16, 256, 2
-GRPO_ITERATIONS = 6  # 16 prompts x 4 samples x 32 new tokens each, two optimiser steps of 32
+GRPO_ITERATIONS = 6  # 16 prompts x 4 samples x 32 new tokens each, two optimiser steps of 32 (grpo, rloo)
+PPO_ITERATIONS = GRPO_ITERATIONS  # 16 prompts x 32 new tokens each, 4 epochs of one minibatch of 16
+PPO_EPOCHS = 4
 
 
 def brevity(prompts, completions, **_) -> list[float]:
@@ -54,15 +64,17 @@ def brevity(prompts, completions, **_) -> list[float]:
 # set-up: TRL's environment, tokenizer, models, data (heed's environment)
 # ---------------------------------------------------------------------------
 
-def ensure_trl_venv() -> Path:
-    python = TRL_VENV / "bin" / "python"
-    if not (TRL_VENV / ".installed").exists():
-        print(f"making {TRL_VENV} (TRL's current release, torch 2.13.0)", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+def ensure_trl_venv(venv: Path = TRL_VENV) -> Path:
+    """The Python of `venv`, made on first use: torch 2.13.0 first and pinned (the CPU wheel, no CUDA),
+    then its TRL (VENVS) and datasets, with whatever versions of the rest pip chooses."""
+    python, trl = venv / "bin" / "python", VENVS[venv]
+    if not (venv / ".installed").exists():
+        print(f"making {venv} ({trl}, torch 2.13.0)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         pip = [str(python), "-m", "pip", "install", "-q"]
-        subprocess.run(pip + ["torch==2.13.0"], check=True)  # first and pinned: the CPU wheel, no CUDA
-        subprocess.run(pip + ["trl", "datasets"], check=True)
-        (TRL_VENV / ".installed").write_text("")
+        subprocess.run(pip + ["torch==2.13.0"], check=True)
+        subprocess.run(pip + ["torch==2.13.0", trl, "datasets"], check=True)  # torch named again: kept as is
+        (venv / ".installed").write_text("")
     return python
 
 
@@ -173,6 +185,19 @@ def grpo_flops(model_dir: str, ids: list[dict]) -> float:
             - count_flops(model_dir, rows * 32, lm_head=False, factor=10))
 
 
+def ppo_flops(model_dir: str, ids: list[dict]) -> float:
+    """Per iteration, 16 rows of prompt + 32 new tokens: the policy's sampling (2x), forward and
+    backward (6x) per epoch and the reference's forward (2x), the LM head on the new tokens; the value
+    model's forward in the rollout (2x) and forward and backward (6x) per epoch; the reward model's
+    forward (2x). The value and reward heads are scalars, left out."""
+    prompt = sum(len(r["prompt_ids"]) for r in ids) / len(ids)
+    rows = 16 * PPO_ITERATIONS
+    policy, value, reward = 2 + 6 * PPO_EPOCHS + 2, 2 + 6 * PPO_EPOCHS, 2
+    return (count_flops(model_dir, rows * (prompt + 32), lm_head=False, factor=policy + value + reward)
+            + count_flops(model_dir, rows * 32, lm_head=True, factor=policy)
+            - count_flops(model_dir, rows * 32, lm_head=False, factor=policy))
+
+
 def worker(args) -> dict:
     torch = _threads()
     a = WORK / "assets"
@@ -256,6 +281,77 @@ def worker(args) -> dict:
             max_steps=2 * GRPO_ITERATIONS, report_to="none", save_strategy="no", logging_steps=10 ** 6, use_cpu=True,
             bf16=bf16, learning_rate=5e-5, warmup_steps=0, dataloader_num_workers=0)).train()
         result["flops"] = grpo_flops(model_dir, ids)
+    elif args.worker == "heed-rloo":
+        from heed.algos.grpo import GroupTrainer, RLOOConfig
+
+        prompts = [json.loads(line)["prompt"] for line in (a / "pairs.jsonl").read_text().splitlines()]
+        cfg = RLOOConfig(policy=model_dir, prompts="-", reward=["-"], out=args.tmp, steps=GRPO_ITERATIONS,
+                         prompts_per_iteration=16, n=4, mini_batch_size=32, micro_batch_size=32,
+                         max_new_tokens=32, max_prompt_len=MAX_LEN, kl_coef=0.04, lr=5e-5, normalize_reward=False,
+                         bf16=bf16, save_every=10 ** 9)
+        trainer = GroupTrainer(cfg, reward_fn=brevity, prompts=prompts)
+        t0 = time.perf_counter()
+        trainer.train()
+        result["flops"] = grpo_flops(model_dir, ids)
+    elif args.worker == "trl-rloo":
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import RLOOConfig, RLOOTrainer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        data = Dataset.from_list([{"prompt": tok.decode(r["prompt_ids"])} for r in ids])
+        t0 = time.perf_counter()
+        RLOOTrainer(model=model, processing_class=tok, train_dataset=data, reward_funcs=brevity, args=RLOOConfig(
+            output_dir=args.tmp, per_device_train_batch_size=32, generation_batch_size=64,
+            num_generations=4, max_completion_length=32, beta=0.04, temperature=1.0, top_k=0,
+            max_steps=2 * GRPO_ITERATIONS, report_to="none", save_strategy="no", logging_steps=10 ** 6, use_cpu=True,
+            bf16=bf16, learning_rate=5e-5, warmup_steps=0, dataloader_num_workers=0)).train()
+        result["flops"] = grpo_flops(model_dir, ids)
+    elif args.worker == "heed-ppo":
+        from heed.algos.ppo import PPOConfig, PPOTrainer
+        from heed.models import load_tokenizer
+        from heed.reward_model import RewardMember, RewardModel
+        from heed.rules import load_reward
+
+        # an untrained reward model on the same trunk (its head at random), as `heed rm train` saves one
+        rm_dir = Path(args.tmp).parent / "rm"
+        RewardModel([RewardMember.from_policy(model_dir)], load_tokenizer(model_dir), max_prompt_len=MAX_LEN,
+                    max_response_len=MAX_LEN).save(rm_dir)
+        prompts = [json.loads(line)["prompt"] for line in (a / "pairs.jsonl").read_text().splitlines()]
+        cfg = PPOConfig(policy=model_dir, prompts="-", reward=[str(rm_dir)], out=args.tmp, steps=PPO_ITERATIONS,
+                        prompts_per_iteration=16, mini_batch_size=16, micro_batch_size=16, ppo_epochs=PPO_EPOCHS,
+                        max_new_tokens=32, max_prompt_len=MAX_LEN, kl_coef=0.05, adaptive_kl=False,
+                        separate_critic=True, normalize_reward=False, missing_eos_penalty=0.0, lr=3e-6,
+                        bf16=bf16, save_every=10 ** 9)
+        trainer = PPOTrainer(cfg, reward_fn=load_reward(cfg.reward), prompts=prompts)
+        t0 = time.perf_counter()
+        trainer.train()
+        result["flops"] = ppo_flops(model_dir, ids)
+    elif args.worker == "trl-ppo":
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok.padding_side = "left"
+        policy, ref = (AutoModelForCausalLM.from_pretrained(model_dir) for _ in range(2))
+        reward, value = (AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1) for _ in range(2))
+        for m in (reward, value):
+            m.config.pad_token_id = tok.pad_token_id
+        data = Dataset.from_list([{"input_ids": r["prompt_ids"]} for r in ids])
+        # TRL 1.12's PPOTrainer makes its own Accelerator, which reads mixed precision from here, not from bf16
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "no"
+        t0 = time.perf_counter()
+        PPOTrainer(model=policy, ref_model=ref, reward_model=reward, value_model=value, processing_class=tok,
+                   train_dataset=data, args=PPOConfig(
+                       output_dir=args.tmp, per_device_train_batch_size=16, gradient_accumulation_steps=1,
+                       num_mini_batches=1, num_ppo_epochs=PPO_EPOCHS, total_episodes=16 * PPO_ITERATIONS,
+                       local_rollout_forward_batch_size=16, response_length=32, temperature=1.0, kl_coef=0.05,
+                       kl_estimator="k1", num_sample_generations=0, report_to="none", save_strategy="no",
+                       logging_steps=10 ** 6, use_cpu=True, bf16=bf16, learning_rate=3e-6, warmup_steps=0,
+                       dataloader_num_workers=0)).train()
+        result["flops"] = ppo_flops(model_dir, ids)
     elif args.worker in ("heed-gen", "hf-gen"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -305,7 +401,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="5m")
     p.add_argument("--dtypes", default="fp32")
-    p.add_argument("--works", default="rm,dpo,gen")
+    p.add_argument("--works", default="rm,dpo,gen", help="of rm, dpo, grpo, rloo, ppo, gen")
     p.add_argument("--pairs", type=int, default=2000)
     p.add_argument("--out", default=None, help="write the measurements as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -320,21 +416,26 @@ def main() -> None:
             print(json.dumps(worker(args)))
         return
     sizes, dtypes, works = args.sizes.split(","), args.dtypes.split(","), args.works.split(",")
-    trl_python = ensure_trl_venv()
+    # work: (heed's worker, the peer's worker, the environment the peer runs in)
+    peers = {"rm": ("heed-rm", "trl-rm", TRL_VENV), "dpo": ("heed-dpo", "trl-dpo", TRL_VENV),
+             "grpo": ("heed-grpo", "trl-grpo", TRL_VENV), "rloo": ("heed-rloo", "trl-rloo", TRL_VENV),
+             "ppo": ("heed-ppo", "trl-ppo", PPO_VENV), "gen": ("heed-gen", "hf-gen", TRL_VENV)}
+    unknown = [w for w in works if w not in peers]
+    if unknown:
+        p.error(f"unknown works {unknown}: choose from {', '.join(peers)}")
+    pythons = {venv: ensure_trl_venv(venv) for venv in dict.fromkeys(peers[w][2] for w in works)}
     info = build(args.pairs, sizes)
     print(f"{args.pairs} pairs, {info['tokens_per_sequence']:.0f} tokens per sequence on average "
           f"({info['min']}-{info['max']}); batch {BATCH}; {THREADS} threads", flush=True)
-    peers = {"rm": ("heed-rm", "trl-rm"), "dpo": ("heed-dpo", "trl-dpo"), "grpo": ("heed-grpo", "trl-grpo"),
-             "gen": ("heed-gen", "hf-gen")}
     rows = []
     for dtype in dtypes:
         gemm = run_worker(Path(sys.executable), "gemm", "5m", dtype)["flops_per_s"]
         print(f"{dtype}: 2048^2 GEMM at {gemm / 1e9:.0f} GFLOP/s", flush=True)
         for size in sizes:
             for work in works:
-                ours, theirs = peers[work]
+                ours, theirs, venv = peers[work]
                 h = run_worker(Path(sys.executable), ours, size, dtype)
-                t = run_worker(trl_python, theirs, size, dtype)
+                t = run_worker(pythons[venv], theirs, size, dtype)
                 row = {"work": work, "size": size, "dtype": dtype, "gemm_flops_per_s": gemm, "heed": h, "peer": t}
                 if "error" not in h and "error" not in t:
                     row["speed_ratio"] = t["seconds"] / h["seconds"]
