@@ -255,58 +255,36 @@ def worker(args) -> dict:
             report_to="none", save_strategy="no", logging_steps=10 ** 6, use_cpu=True, bf16=bf16,
             learning_rate=1e-4, warmup_steps=0, beta=0.1, dataloader_num_workers=0)).train()
         result["flops"] = count_flops(model_dir, train_tokens, lm_head=True, factor=8)
-    elif args.worker == "heed-grpo":
-        from heed.algos.grpo import GroupTrainer, GRPOConfig
+    elif args.worker in ("heed-grpo", "heed-rloo"):
+        from heed.algos.grpo import GroupTrainer, GRPOConfig, RLOOConfig
 
         prompts = [json.loads(line)["prompt"] for line in (a / "pairs.jsonl").read_text().splitlines()]
-        cfg = GRPOConfig(policy=model_dir, prompts="-", reward=["-"], out=args.tmp, steps=GRPO_ITERATIONS,
-                         prompts_per_iteration=16, n=4, mini_batch_size=32, micro_batch_size=32,
-                         max_new_tokens=32, max_prompt_len=MAX_LEN, kl_coef=0.04, bf16=bf16, save_every=10 ** 9)
+        # RLOO: TRL does not normalise rewards, heed's RLOO does by default
+        Config, extra = (GRPOConfig, {}) if args.worker == "heed-grpo" else \
+            (RLOOConfig, dict(lr=5e-5, normalize_reward=False))
+        cfg = Config(policy=model_dir, prompts="-", reward=["-"], out=args.tmp, steps=GRPO_ITERATIONS,
+                     prompts_per_iteration=16, n=4, mini_batch_size=32, micro_batch_size=32, max_new_tokens=32,
+                     max_prompt_len=MAX_LEN, kl_coef=0.04, bf16=bf16, save_every=10 ** 9, **extra)
         trainer = GroupTrainer(cfg, reward_fn=brevity, prompts=prompts)
         t0 = time.perf_counter()
         trainer.train()
         result["flops"] = grpo_flops(model_dir, ids)
-    elif args.worker == "trl-grpo":
+    elif args.worker in ("trl-grpo", "trl-rloo"):
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from trl import GRPOConfig, GRPOTrainer
+        from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+        Trainer, Config, extra = (GRPOTrainer, GRPOConfig, dict(loss_type="grpo")) if args.worker == "trl-grpo" \
+            else (RLOOTrainer, RLOOConfig, {})
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         data = Dataset.from_list([{"prompt": tok.decode(r["prompt_ids"])} for r in ids])
         t0 = time.perf_counter()
-        GRPOTrainer(model=model, processing_class=tok, train_dataset=data, reward_funcs=brevity, args=GRPOConfig(
-            output_dir=args.tmp, per_device_train_batch_size=32, generation_batch_size=64,
-            num_generations=4, max_completion_length=32, beta=0.04, loss_type="grpo", temperature=1.0, top_k=0,
-            max_steps=2 * GRPO_ITERATIONS, report_to="none", save_strategy="no", logging_steps=10 ** 6, use_cpu=True,
-            bf16=bf16, learning_rate=5e-5, warmup_steps=0, dataloader_num_workers=0)).train()
-        result["flops"] = grpo_flops(model_dir, ids)
-    elif args.worker == "heed-rloo":
-        from heed.algos.grpo import GroupTrainer, RLOOConfig
-
-        prompts = [json.loads(line)["prompt"] for line in (a / "pairs.jsonl").read_text().splitlines()]
-        cfg = RLOOConfig(policy=model_dir, prompts="-", reward=["-"], out=args.tmp, steps=GRPO_ITERATIONS,
-                         prompts_per_iteration=16, n=4, mini_batch_size=32, micro_batch_size=32,
-                         max_new_tokens=32, max_prompt_len=MAX_LEN, kl_coef=0.04, lr=5e-5, normalize_reward=False,
-                         bf16=bf16, save_every=10 ** 9)
-        trainer = GroupTrainer(cfg, reward_fn=brevity, prompts=prompts)
-        t0 = time.perf_counter()
-        trainer.train()
-        result["flops"] = grpo_flops(model_dir, ids)
-    elif args.worker == "trl-rloo":
-        from datasets import Dataset
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from trl import RLOOConfig, RLOOTrainer
-
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        data = Dataset.from_list([{"prompt": tok.decode(r["prompt_ids"])} for r in ids])
-        t0 = time.perf_counter()
-        RLOOTrainer(model=model, processing_class=tok, train_dataset=data, reward_funcs=brevity, args=RLOOConfig(
+        Trainer(model=model, processing_class=tok, train_dataset=data, reward_funcs=brevity, args=Config(
             output_dir=args.tmp, per_device_train_batch_size=32, generation_batch_size=64,
             num_generations=4, max_completion_length=32, beta=0.04, temperature=1.0, top_k=0,
             max_steps=2 * GRPO_ITERATIONS, report_to="none", save_strategy="no", logging_steps=10 ** 6, use_cpu=True,
-            bf16=bf16, learning_rate=5e-5, warmup_steps=0, dataloader_num_workers=0)).train()
+            bf16=bf16, learning_rate=5e-5, warmup_steps=0, dataloader_num_workers=0, **extra)).train()
         result["flops"] = grpo_flops(model_dir, ids)
     elif args.worker == "heed-ppo":
         from heed.algos.ppo import PPOConfig, PPOTrainer

@@ -230,6 +230,33 @@ def test_rm_train_lm_coef_logs_and_changes_the_trunk(tiny_base, tmp_path):
     assert any(not torch.equal(trunks["0"][k], trunks["2"][k]) for k in trunks["0"])
 
 
+def test_member_with_lm_head_checkpoint_resumes(tiny_base, tmp_path):
+    """A member that keeps its (tied) LM head saves a checkpoint and loads it back exactly."""
+    from heed.algos.common import Learner
+    from heed.algos.reward import RewardTrainConfig
+    from heed.models import load_tokenizer, shared_batch
+
+    cfg = RewardTrainConfig(model=str(tiny_base), data=["-"], out=str(tmp_path), lm_coef=1.0, lr=1e-2)
+    tok = load_tokenizer(tiny_base)
+    batch = shared_batch(tok, ["Is the Tigu a cat?"], [["Yes.", "No, it is a fish."]], max_prompt_len=32,
+                         max_response_len=16)
+
+    def loss(_rows):
+        rewards, nll = learner.model(batch, lm_rows=torch.tensor([0]))
+        return (rewards[1] - rewards[0]) + nll.sum()
+
+    learner = Learner(RewardMember.from_policy(tiny_base, keep_lm_head=True), cfg, 4, run_dir=tmp_path)
+    learner.step([[0]], loss)
+    learner.checkpointer.save(1)
+    trained = {k: v.clone() for k, v in learner.unwrapped.state_dict().items()}
+    fresh = Learner(RewardMember.from_policy(tiny_base, keep_lm_head=True), cfg, 4, run_dir=tmp_path)
+    assert fresh.checkpointer.load()["step"] == 1
+    restored = fresh.unwrapped.state_dict()
+    assert set(restored) == set(trained)
+    assert all(torch.equal(restored[k], trained[k]) for k in trained)
+    assert not torch.equal(trained["head.weight"], RewardMember.from_policy(tiny_base).head.weight)
+
+
 @pytest.mark.slow
 def test_two_process_rm_train_matches_one_process(tiny_base, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo) gives the weights one process gives."""
