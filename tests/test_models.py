@@ -137,3 +137,21 @@ def test_fused_gelu_equals_gpt2s_own(tiny_base, tmp_path):
     member.save(tmp_path / "member")
     assert not any(isinstance(m, NewGELUActivation) for m in RewardMember.load(tmp_path / "member").modules())
     assert '"gelu_new"' in (tmp_path / "member" / "config.json").read_text()
+
+
+def test_padding_to_a_multiple_changes_widths_not_results(tiny_base):
+    """shared_batch(pad_to_multiple_of=16) rounds both widths up and leaves rewards and log-probs as they were."""
+    from heed.models import shared_batch, shared_sequence_logprobs
+    from heed.reward_model import RewardMember
+
+    model, tok = load_policy(tiny_base)
+    member = RewardMember(model.base_model, seed=0)
+    args = (tok, ["Is the Febo black?", "Describe the Buba."], [["Yes.", "No."], ["The Buba is a fish.", "Fish."]])
+    plain = shared_batch(*args, max_prompt_len=64, max_response_len=32)
+    padded = shared_batch(*args, max_prompt_len=64, max_response_len=32, pad_to_multiple_of=16)
+    assert padded.prompt_ids.shape[1] == 16 and padded.response_ids.shape[1] == 16
+    assert plain.prompt_ids.shape[1] < 16 and plain.response_ids.shape[1] < 16
+    with torch.no_grad():
+        torch.testing.assert_close(member(padded), member(plain), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(shared_sequence_logprobs(model, padded), shared_sequence_logprobs(model, plain),
+                                   atol=1e-4, rtol=1e-4)

@@ -47,7 +47,8 @@ class TrainConfig:
     micro_batch_size: int = option(32, "sequences per forward pass, per process (gradient accumulation below this)")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
     save_every: int = option(100, "checkpoint every N steps (a killed run resumes from the last)")
-    bf16: bool = option(False, "bf16 autocast (for GPUs: on a 2-core CPU it ran 3x slower for the tiny preset)")
+    bf16: bool = option(False, "bf16 autocast: for GPUs, and CPUs with AMX on models of ~10M parameters and up "
+                               "(docs/performance.md)")
 
 
 @dataclass(kw_only=True)
@@ -57,6 +58,12 @@ class OfflineConfig(TrainConfig):
     batch_size: int = option(32, "global batch size (rows per optimiser step, all processes together)")
     eval_every: int = option(100, "evaluate on held-out data every N steps (and at the end)")
     log_every: int = option(1, "log training metrics, averaged over N steps, every N steps")
+
+
+def shape_multiple(cfg: TrainConfig) -> int:
+    """What batch widths are rounded up to: 16 under bf16, where a CPU's oneDNN builds kernels
+    for each new shape and varying widths pay for it every step (docs/performance.md); 1 otherwise."""
+    return 16 if cfg.bf16 else 1
 
 
 def already_trained(out: str | Path) -> dict | None:

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from heed.algos.common import OfflineConfig, already_trained, make_accelerator, train_offline
+from heed.algos.common import OfflineConfig, already_trained, make_accelerator, shape_multiple, train_offline
 from heed.config import option
 from heed.data import Pair, read_preference_pairs
 from heed.losses import dpo_implicit_reward, dpo_loss
@@ -129,7 +129,8 @@ def run(cfg: DPOConfig) -> dict:
     def loss(model, chunk: list[int]):
         # chosen and rejected in one forward pass, their prompt run once
         rows = [pairs[i] for i in chunk]
-        batch = shared_batch(tokenizer, [r.prompt for r in rows], [[r.chosen, r.rejected] for r in rows], **lengths)
+        batch = shared_batch(tokenizer, [r.prompt for r in rows], [[r.chosen, r.rejected] for r in rows], **lengths,
+                             pad_to_multiple_of=shape_multiple(cfg))
         batch = batch.to(device_of(model))
         logps = (model(batch) * batch.response_mask).sum(-1)  # (2n,): pair i's chosen at 2i, rejected at 2i + 1
         losses, stats = pair_stats(logps[0::2], logps[1::2], ref["chosen"][chunk].to(logps.device),

@@ -35,7 +35,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from heed.algos.common import Learner, TrainConfig, already_trained, global_mean, mean_stats, micro_batches
+from heed.algos.common import (
+    Learner,
+    TrainConfig,
+    already_trained,
+    global_mean,
+    mean_stats,
+    micro_batches,
+    shape_multiple,
+)
 from heed.config import option, save as save_config
 from heed.data import read_prompts, read_reward_pairs, write_jsonl
 from heed.filter import SELECTIONS, filter_rows, token_length
@@ -106,7 +114,8 @@ class REBELTrainer:
 
         def loss(chunk: list[int], n_global: int) -> torch.Tensor:
             batch = shared_batch(tok, [prompts[i] for i in chunk],
-                                 [[pairs[i]["chosen"], pairs[i]["rejected"]] for i in chunk], **lengths)
+                                 [[pairs[i]["chosen"], pairs[i]["rejected"]] for i in chunk], **lengths,
+                                 pad_to_multiple_of=shape_multiple(cfg))
             batch = batch.to(device_of(learner.model))
             logps = (learner.model(batch) * batch.response_mask).sum(-1)  # pair i: chosen 2i, rejected 2i + 1
             a, b, dev = logps[0::2], logps[1::2], logps.device

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from heed.algos.common import DONE_FILE, OfflineConfig, already_trained, train_offline
+from heed.algos.common import DONE_FILE, OfflineConfig, already_trained, shape_multiple, train_offline
 from heed.config import option, save as save_config
 from heed.data import (
     Pair,
@@ -169,7 +169,8 @@ def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, he
 
     def loss(member, chunk: list):
         batch = shared_batch(tokenizer, [row.prompt for row in chunk], [responses_of(row) for row in chunk],
-                             max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len)
+                             max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
+                             pad_to_multiple_of=shape_multiple(cfg))
         batch = batch.to(device_of(member))
         if not cfg.lm_coef:
             rewards = member(batch)  # each row's prompt runs once for all its responses
