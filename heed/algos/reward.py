@@ -172,16 +172,16 @@ def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, he
                              max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
                              pad_to_multiple_of=shape_multiple(cfg))
         batch = batch.to(device_of(member))
-        if not cfg.lm_coef:
-            rewards = member(batch)  # each row's prompt runs once for all its responses
-            return row_losses(rewards.float(), chunk, rating_mean=rating_mean, rating_std=rating_std,
-                              center_coef=cfg.center_coef, use_margin=cfg.use_margin).sum(), {}
-        rows_preferred, preferred = preferred_responses(chunk)
-        rewards, nll = member(batch, lm_rows=torch.tensor(preferred, dtype=torch.long, device=batch.counts.device))
+        # each row's prompt runs once for all its responses; with --lm-coef the same pass gives the NLLs
+        rows_preferred, preferred = preferred_responses(chunk) if cfg.lm_coef else ([], [])
+        device = batch.counts.device
+        out = member(batch, lm_rows=torch.tensor(preferred, dtype=torch.long, device=device) if cfg.lm_coef else None)
+        rewards, nll = out if cfg.lm_coef else (out, None)
         losses = row_losses(rewards.float(), chunk, rating_mean=rating_mean, rating_std=rating_std,
                             center_coef=cfg.center_coef, use_margin=cfg.use_margin)
-        losses = losses.index_add(0, torch.tensor(rows_preferred, dtype=torch.long, device=losses.device),
-                                  cfg.lm_coef * nll)
+        if nll is None:
+            return losses.sum(), {}
+        losses = losses.index_add(0, torch.tensor(rows_preferred, dtype=torch.long, device=device), cfg.lm_coef * nll)
         return losses.sum(), {"train/lm_nll": nll}
 
     def evaluate(member) -> dict:
