@@ -51,6 +51,47 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def reserved_cache(model, capacity: int):
+    """A KV cache whose layers are allocated once, `capacity` positions long, and written in
+    place: Hugging Face's default cache concatenates every layer's keys and values at every new
+    token, which copies the whole cache each step (a fifth of a decoding step's time on a small
+    model). None where the model's layers are not plain full-attention ones (sliding windows,
+    linear attention): those keep the model's own cache."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)
+            B, H, _, D = key_states.shape
+            self._k = key_states.new_empty((B, H, capacity, D))
+            self._v = value_states.new_empty((B, H, capacity, value_states.shape[-1]))
+            self._len = 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start, end = self._len, self._len + key_states.shape[-2]
+            if end > capacity:
+                raise ValueError(f"KV cache of {capacity} positions is full")
+            self._k[:, :, start:end] = key_states
+            self._v[:, :, start:end] = value_states
+            self._len = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self._len if self.is_initialized else 0
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # a config transformers' cache cannot read: the model makes its own
+        return None
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [ReservedLayer() for _ in cache.layers]
+    return cache
+
+
 @torch.no_grad()
 def sample_tokens(model, prompt_ids: Sequence[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -72,6 +113,9 @@ def sample_tokens(model, prompt_ids: Sequence[list[int]], *, pad_id: int, eos_id
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     if value_head is not None:
         extra["output_hidden_states"] = True
+    cache = reserved_cache(model, P + max_new_tokens)
+    if cache is not None:
+        extra["past_key_values"] = cache
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids(attention),
                 use_cache=True, **extra)
     next_pos = attention.sum(-1)  # (B,) position of the next token

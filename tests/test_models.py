@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from heed.algos.sft import build_examples
@@ -155,3 +156,31 @@ def test_padding_to_a_multiple_changes_widths_not_results(tiny_base):
         torch.testing.assert_close(member(padded), member(plain), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(shared_sequence_logprobs(model, padded), shared_sequence_logprobs(model, plain),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_reserved_cache_samples_what_transformers_cache_samples(tiny_base, monkeypatch):
+    """The sampler's cache, allocated once and written in place, gives the same tokens, log-probs
+    and finished flags as transformers' own cache, on left-padded prompts of the Llama-style
+    demo model and a GPT-2-style one; a sliding-window model keeps its own cache."""
+    import heed.generate as G
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig
+
+    model, tok = load_policy(tiny_base)
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=2)).eval()
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in
+               ["User: Is the Febo black?\nAssistant:", "User: Describe the Buba, please, now.\nAssistant:"]]
+    args = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=20, temperature=0.9)
+    for m in (model, gpt2):
+        assert G.reserved_cache(m, 8) is not None
+        ours = G.sample_tokens(m, prompts, generator=torch.Generator().manual_seed(1), **args)
+        with monkeypatch.context() as patch:
+            patch.setattr(G, "reserved_cache", lambda *a: None)
+            theirs = G.sample_tokens(m, prompts, generator=torch.Generator().manual_seed(1), **args)
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[2], theirs[2])
+        torch.testing.assert_close(ours[1], theirs[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="full"):
+        G.reserved_cache(model, 2).update(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4), 0)
+    sliding = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    assert G.reserved_cache(type("M", (), {"config": sliding})(), 16) is None
