@@ -333,9 +333,14 @@ def worker(args) -> dict:
     elif args.worker in ("heed-gen", "hf-gen"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        if args.worker == "heed-gen":  # as `heed sample` loads a policy
+            from heed.models import load_policy
+
+            model, tok = load_policy(model_dir, dtype=dtype)
+        else:
+            model, tok = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), AutoTokenizer.from_pretrained(model_dir)
         model.eval()
-        tok = AutoTokenizer.from_pretrained(model_dir)
         prompts = [r["prompt_ids"][-128:] for r in ids[:64]]
         new = 64
         t0 = time.perf_counter()
