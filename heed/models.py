@@ -253,6 +253,13 @@ class SharedBatch:
         return torch.repeat_interleave(torch.arange(len(self.counts), device=self.counts.device), self.counts)
 
 
+def shared_width(prompt, responses: Sequence[str]) -> int:
+    """The padded work a row of a SharedBatch brings, in characters (no tokenizer needed): its
+    prompt, and its responses at the longest one's width. For grouping rows of similar length
+    into micro-batches (heed/algos/common.py:micro_batches)."""
+    return len(format_prompt(prompt)) + len(responses) * max((len(r) for r in responses), default=0)
+
+
 def shared_batch(tokenizer, prompts: Sequence, responses: Sequence[Sequence[str]], *, max_prompt_len: int,
                  max_response_len: int, pad_to_multiple_of: int = 1) -> SharedBatch:
     """`responses[i]` are the responses to `prompts[i]` (a pair's two, a ranking's K). With
@@ -288,7 +295,11 @@ def forward_shared(model, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tenso
                 position_ids=position_ids(batch.prompt_mask), use_cache=True)
     owner = batch.owner
     cache = out.past_key_values
-    cache.batch_select_indices(owner)  # each response gets its prompt's keys and values
+    # each response gets its prompt's keys and values; index_select, whose backward is an
+    # index_add, not the cache's own `keys[owner]`, whose backward (an accumulating index_put)
+    # took 7% of a reward-model step on the CPU
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, owner), layer.values.index_select(0, owner)
     R = batch.response_ids.shape[1]
     start = batch.prompt_mask.sum(-1)[owner]  # positions continue after the prompt's real tokens
     positions = start[:, None] + torch.arange(R, device=start.device)
@@ -422,15 +433,15 @@ def batched_pair_logprobs(model, tokenizer, prompts: Sequence, chosen: Sequence[
                           max_prompt_len: int, max_response_len: int, batch_size: int = 32
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs (N,) of the chosen and of the rejected responses, each prompt run once
-    for its two responses, in batches, without gradients."""
+    for its two responses, in batches of similar length (less padding), without gradients."""
     was_training = model.training
     model.eval()
-    out = [torch.zeros(0)]
-    for i in range(0, len(prompts), batch_size):
-        batch = shared_batch(tokenizer, prompts[i:i + batch_size], list(zip(chosen[i:i + batch_size],
-                                                                             rejected[i:i + batch_size])),
+    order = sorted(range(len(prompts)), key=lambda i: shared_width(prompts[i], [chosen[i], rejected[i]]))
+    out = torch.zeros((len(prompts), 2))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = shared_batch(tokenizer, [prompts[i] for i in rows], [(chosen[i], rejected[i]) for i in rows],
                              max_prompt_len=max_prompt_len, max_response_len=max_response_len)
-        out.append(shared_sequence_logprobs(model, batch.to(device_of(model))).cpu())
+        out[rows] = shared_sequence_logprobs(model, batch.to(device_of(model))).cpu().view(-1, 2)
     model.train(was_training)
-    logps = torch.cat(out)
-    return logps[0::2], logps[1::2]
+    return out[:, 0], out[:, 1]

@@ -44,6 +44,7 @@ from heed.models import (
     load_policy,
     load_tokenizer,
     make_batch,
+    shared_width,
 )
 from heed.utils import HeedError, atomic_write_text
 
@@ -177,7 +178,7 @@ class RewardModel(nn.Module):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         device = next(self.parameters()).device
         # Similar lengths together: less padding. Results go back in input order.
-        order = sorted(range(len(prompts)), key=lambda i: len(responses[i]) + len(str(prompts[i])))
+        order = sorted(range(len(prompts)), key=lambda i: shared_width(prompts[i], [responses[i]]))
         out = torch.zeros(self.n_members, len(prompts))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]

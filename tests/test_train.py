@@ -167,3 +167,43 @@ def test_help_comes_from_the_config_and_yaml_sets_fields(tmp_path, capsys, world
     assert "unknown field 'temprature'" in capsys.readouterr().err
     assert main(["sample", "--model", "m", "--prompts", "p", "--out", "o", "--n", "two"]) == 2
     assert "config field 'n': expected int, got 'two'" in capsys.readouterr().err
+
+
+def test_length_grouped_micro_batches_cover_every_row_save_padding_and_keep_the_gradient(tiny_base):
+    """micro_batches(lengths=...) puts rows of similar length together: every row once, none over
+    the size, less padded work than consecutive slices, and the summed gradient of a reward
+    model's pairs equals that of one micro-batch."""
+    import random
+
+    from heed.algos.common import micro_batches
+    from heed.models import shared_batch, shared_width
+    from heed.reward_model import RewardMember
+
+    rng = random.Random(0)
+    lengths = [rng.choice([rng.randint(10, 40), rng.randint(150, 250)]) for _ in range(40)]
+    chunks = micro_batches(list(range(40)), 12, lengths)
+    assert sorted(i for c in chunks for i in c) == list(range(40)) and max(map(len, chunks)) <= 12
+
+    def work(parts):
+        return sum(len(c) * max(lengths[i] for i in c) for c in parts)
+
+    assert work(chunks) < 0.8 * work(micro_batches(list(range(40)), 12))
+    assert len(micro_batches(list(range(10)), 4, [7] * 10)) == 3  # equal lengths: as few as possible
+
+    model, tok = load_policy(tiny_base)
+    member = RewardMember(model.base_model, seed=0)
+    prompts = ["Is the Febo black?", "Describe the Buba, the small fish that lives in the river, please.",
+               "Hi.", "List every black robot you know of, with its size and colour, one per line."]
+    pairs = [["Yes.", "No, it is not."], ["The Buba is a small fish.", "Fish."], ["Hello!", "Go away."],
+             ["The Tarvo and the Febo.", "None."]]
+    grads = []
+    for parts in ([list(range(4))], micro_batches(list(range(4)), 4, [shared_width(p, r) for p, r in zip(prompts, pairs)])):
+        member.zero_grad()
+        for c in parts:
+            r = member(shared_batch(tok, [prompts[i] for i in c], [pairs[i] for i in c],
+                                    max_prompt_len=64, max_response_len=16))
+            (-torch.nn.functional.logsigmoid(r[0::2] - r[1::2])).sum().backward()
+        grads.append([p.grad.clone() for p in member.parameters()])
+    assert len(parts) > 1
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -161,9 +161,35 @@ def global_mean(total: torch.Tensor, count: int, world: int) -> torch.Tensor:
     return total * world / max(1, count)
 
 
-def micro_batches(items: Sequence, size: int) -> list:
-    """`items` in consecutive slices of at most `size`."""
-    return [items[i:i + size] for i in range(0, len(items), size)]
+# What each extra micro-batch costs, as a share of the whole batch's padded work: its own
+# forward and backward launches, and smaller matrix products.
+MICRO_BATCH_OVERHEAD = 0.05
+
+
+def micro_batches(items: Sequence, size: int, lengths: Sequence[int] | None = None) -> list:
+    """`items` in micro-batches of at most `size`: consecutive slices, or, given `lengths` (the
+    padded width each item needs), sorted by length and cut where it saves work. A micro-batch
+    is padded to its longest item, so it costs its size times that length; each extra one costs
+    MICRO_BATCH_OVERHEAD of the batch's unsplit cost; the cuts minimise the total (dynamic
+    programming over the sorted items). The step's gradient is the same sum over the same items
+    either way; only the padding (and the float rounding of the sum) changes."""
+    if lengths is None or len(items) <= 1:
+        return [items[i:i + size] for i in range(0, len(items), size)]
+    order = sorted(range(len(items)), key=lambda i: lengths[i])
+    sorted_len = [lengths[i] for i in order]
+    n = len(order)
+    overhead = MICRO_BATCH_OVERHEAD * n * sorted_len[-1]
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)  # best[j]: the cheapest split of the first j
+    for j in range(1, n + 1):
+        for i in range(max(0, j - size), j):
+            cost = best[i] + (j - i) * sorted_len[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    chunks, j = [], n
+    while j > 0:
+        chunks.append([items[k] for k in order[cut[j]:j]])
+        j = cut[j]
+    return chunks[::-1]
 
 
 def mean_stats(stats: dict[str, list[float]]) -> dict[str, float]:
@@ -232,13 +258,15 @@ class Learner:
 def train_offline(model: torch.nn.Module, rows: Sequence, cfg: OfflineConfig, total_steps: int, *, stage: str,
                   loss: Callable[[torch.nn.Module, list], tuple[torch.Tensor, dict[str, torch.Tensor]]],
                   save: Callable[[torch.nn.Module], None], data_seed: int,
-                  count: Callable[[list], int] = len, evaluate: Callable[[torch.nn.Module], dict] | None = None,
+                  count: Callable[[list], int] = len, length: Callable[[Any], int] | None = None,
+                  evaluate: Callable[[torch.nn.Module], dict] | None = None,
                   run_dir: str | Path | None = None, log_dir: str | Path | None = None, tags: dict | None = None,
                   state: dict | None = None, accelerator=None) -> dict:
     """Minimise `loss` over `rows` for `total_steps` optimiser steps; returns the last metrics.
 
     Each step takes the next `cfg.batch_size` rows of a shuffle seeded by `data_seed` (a new
-    shuffle each pass), split across processes, in micro-batches of `cfg.micro_batch_size`.
+    shuffle each pass), split across processes, in micro-batches of at most `cfg.micro_batch_size`
+    (with `length(row)`, the padded width a row needs, rows of similar length go together).
     `loss(model, chunk)` returns the chunk's summed loss and statistics per row; the step
     minimises the global batch's summed loss divided by `count(global batch)` (rows by
     default; tokens for language modelling), which is also logged as train/loss. Every
@@ -278,7 +306,9 @@ def train_offline(model: torch.nn.Module, rows: Sequence, cfg: OfflineConfig, to
                 window.setdefault(k, []).extend(v.detach().float().flatten().tolist())
             return global_mean(total, n, learner.world)
 
-        grad_norm = learner.step(micro_batches(batch[learner.rank::learner.world], cfg.micro_batch_size), chunk_loss)
+        share = batch[learner.rank::learner.world]
+        chunks = micro_batches(share, cfg.micro_batch_size, [length(r) for r in share] if length else None)
+        grad_norm = learner.step(chunks, chunk_loss)
         local = torch.stack(totals).sum().to(learner.accelerator.device)
         window.setdefault("train/loss", []).append(float(learner.accelerator.reduce(local, "sum")) / max(1, n))
         window.setdefault("train/grad_norm", []).append(grad_norm)
@@ -320,4 +350,5 @@ def train_lm(model, tokenizer, train: list[LMExample], heldout: list[LMExample],
 
     return train_offline(model, train, cfg, total_steps, stage=stage, loss=loss, save=save,
                          data_seed=cfg.seed * 1000, count=lambda rows: sum(sum(e.loss_mask[1:]) for e in rows),
+                         length=lambda e: len(e.input_ids),
                          evaluate=evaluate if heldout else None)

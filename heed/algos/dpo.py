@@ -44,6 +44,7 @@ from heed.models import (
     load_policy,
     save_model,
     shared_batch,
+    shared_width,
 )
 from heed.utils import HeedError, seed_everything
 
@@ -147,6 +148,7 @@ def run(cfg: DPOConfig) -> dict:
     total_steps = max(1, math.ceil(cfg.epochs * len(pairs) / cfg.batch_size))
     metrics = train_offline(TokenLogprobs(policy), list(range(len(pairs))), cfg, total_steps, stage="dpo",
                             loss=loss, evaluate=evaluate if heldout else None, data_seed=cfg.seed * 1000,
+                            length=lambda i: shared_width(pairs[i].prompt, [pairs[i].chosen, pairs[i].rejected]),
                             save=lambda m: save_model(m.policy, tokenizer, out),  # 4.
                             state={"steps": total_steps, "pairs": len(pairs), "ties_dropped": ties},
                             accelerator=accelerator)

@@ -47,7 +47,7 @@ from heed.data import (
 )
 from heed.generate import sample_prompts
 from heed.losses import bradley_terry_loss, centering_loss, ranking_loss, rating_loss, thumbs_loss
-from heed.models import device_of, load_policy, load_tokenizer, shared_batch
+from heed.models import device_of, load_policy, load_tokenizer, shared_batch, shared_width
 from heed.reward_metrics import evaluate_rows, format_metrics
 from heed.reward_model import RewardMember, RewardModel
 from heed.rules import load_reward
@@ -195,6 +195,7 @@ def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, he
     train_offline(member, rows, cfg, total_steps,
                   stage=f"rm member {k}", loss=loss, evaluate=evaluate if heldout_rows else None,
                   save=lambda member: member.save(member_dir), data_seed=cfg.seed * 1000 + k * 100,
+                  length=lambda row: shared_width(row.prompt, responses_of(row)),
                   run_dir=member_dir, log_dir=cfg.out, tags={"member": k})
 
 
