@@ -339,7 +339,8 @@ def worker(args) -> dict:
 
             model, tok = load_policy(model_dir, dtype=dtype)
         else:
-            model, tok = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype), AutoTokenizer.from_pretrained(model_dir)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(model_dir)
         model.eval()
         prompts = [r["prompt_ids"][-128:] for r in ids[:64]]
         new = 64

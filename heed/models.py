@@ -170,10 +170,6 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device),
                      self.response_mask.to(device), self.prompt_len)
 
-    def select(self, rows: torch.Tensor) -> "Batch":
-        """The batch of the given rows (a 1-D index tensor)."""
-        return Batch(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows], self.prompt_len)
-
     def share_prompts(self, group_size: int) -> "SharedBatch":
         """The same rows as a SharedBatch, when each run of `group_size` rows shares one prompt."""
         P, B = self.prompt_len, self.input_ids.shape[0]

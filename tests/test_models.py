@@ -162,8 +162,9 @@ def test_reserved_cache_samples_what_transformers_cache_samples(tiny_base, monke
     """The sampler's cache, allocated once and written in place, gives the same tokens, log-probs
     and finished flags as transformers' own cache, on left-padded prompts of the Llama-style
     demo model and a GPT-2-style one; a sliding-window model keeps its own cache."""
-    import heed.generate as G
     from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig
+
+    import heed.generate as G
 
     model, tok = load_policy(tiny_base)
     torch.manual_seed(0)

@@ -196,8 +196,8 @@ def test_length_grouped_micro_batches_cover_every_row_save_padding_and_keep_the_
                "Hi.", "List every black robot you know of, with its size and colour, one per line."]
     pairs = [["Yes.", "No, it is not."], ["The Buba is a small fish.", "Fish."], ["Hello!", "Go away."],
              ["The Tarvo and the Febo.", "None."]]
-    grads = []
-    for parts in ([list(range(4))], micro_batches(list(range(4)), 4, [shared_width(p, r) for p, r in zip(prompts, pairs)])):
+    grads, widths = [], [shared_width(p, r) for p, r in zip(prompts, pairs)]
+    for parts in ([list(range(4))], micro_batches(list(range(4)), 4, widths)):
         member.zero_grad()
         for c in parts:
             r = member(shared_batch(tok, [prompts[i] for i in c], [pairs[i] for i in c],

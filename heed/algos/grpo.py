@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from heed.algos.common import already_trained
-from heed.algos.online import OnlineTrainer, Rollout, RolloutConfig
+from heed.algos.online import OnlineTrainer, Rollout, RolloutConfig, Rows
 from heed.config import option
 from heed.data import read_prompts
 from heed.losses import group_advantages, grpo_policy_loss, kl_penalty
@@ -105,11 +105,11 @@ class GroupTrainer(OnlineTrainer):
         loss_kl = cfg.kl_coef if cfg.kl_mode == "loss" else 0.0
 
         # 5. update
-        def loss(rows: torch.Tensor, sub: Batch):
+        def loss(at: Rows, sub: Batch):
             # each prompt of the minibatch runs once for its group (heed.models.forward_shared)
             logprobs = F.pad(self.learner.model(sub.share_prompts(cfg.n), cfg.temperature), (sub.prompt_len, 0))
-            value, stats = grpo_policy_loss(logprobs, exp.logprobs[rows], advantages[rows], mask[rows], cfg.cliprange,
-                                            exp.ref_logprobs[rows], loss_kl)
+            value, stats = grpo_policy_loss(logprobs, at(exp.logprobs), at(advantages), at(mask), cfg.cliprange,
+                                            at(exp.ref_logprobs), loss_kl)
             return value, {"loss/policy": value, **stats}
 
         stats = self.minibatch_epochs(exp, generator, loss)

@@ -94,6 +94,32 @@ class Rollout:
     scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (B,) after `score`
 
 
+@dataclass
+class Rows:
+    """A micro-batch of an update: its rows of the rollout, and the token columns they use (the
+    padding every one of them has, left of the prompts and right of the responses, cut off)."""
+
+    rows: torch.Tensor  # (n,) row indices
+    cols: slice
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """A rollout tensor's entries for these rows: (B,) per row, or (B, T) per token column."""
+        x = x[self.rows]
+        return x[:, self.cols] if x.dim() > 1 else x
+
+    def batch(self, batch: Batch) -> Batch:
+        """The rows of `batch` in the kept columns."""
+        return Batch(self(batch.input_ids), self(batch.attention_mask), self(batch.response_mask),
+                     batch.prompt_len - self.cols.start)
+
+    @classmethod
+    def of(cls, rows: list[int], batch: Batch) -> "Rows":
+        idx = torch.tensor(rows, device=batch.input_ids.device)
+        used = batch.attention_mask[idx].any(0).nonzero().flatten()  # prompts end at column P, responses start there
+        start, stop = (int(used[0]), int(used[-1]) + 1) if len(used) else (batch.prompt_len, batch.prompt_len + 1)
+        return cls(idx, slice(min(start, batch.prompt_len), max(stop, batch.prompt_len + 1)))
+
+
 class OnlineTrainer:
     """The shared skeleton; subclasses give `build_model`, `group_size`, `epochs`, `optimize`."""
 
@@ -185,29 +211,31 @@ class OnlineTrainer:
 
     # -- the update's minibatch loop -----------------------------------------------------------
     def minibatch_epochs(self, exp: Rollout, generator: torch.Generator,
-                         loss: Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict]]) -> dict[str, list[float]]:
+                         loss: Callable[[Rows, Batch], tuple[torch.Tensor, dict]]) -> dict[str, list[float]]:
         """`self.epochs` passes over the rollout in minibatches of `mini_batch_size` rows,
         reshuffled every pass, one optimiser step each; a prompt's group of responses stays
-        together, so its prompt runs once. `loss(rows, sub_batch)` gives the mean loss of the
-        rows (a 1-D index tensor) and statistics; returns the statistics' lists."""
-        cfg, learner = self.cfg, self.learner
+        together, so its prompt runs once. Each minibatch runs in micro-batches of rows of similar
+        length, each cut to the columns its rows use (common.micro_batches, `Rows`).
+        `loss(at, sub_batch)` gives the mean loss of the micro-batch's rows (`at(x)` picks their
+        entries of a rollout tensor) and statistics; returns the statistics' lists."""
+        cfg, learner, K = self.cfg, self.learner, self.group_size
         stats: dict[str, list[float]] = {}
+        width = exp.batch.attention_mask.sum(-1).view(-1, K).amax(-1).tolist()  # per group of K rows
 
         def micro_loss(rows: list[int], minibatch: int) -> torch.Tensor:
-            idx = torch.tensor(rows, device=exp.mask.device)
-            value, step_stats = loss(idx, exp.batch.select(idx))
+            at = Rows.of(rows, exp.batch)
+            value, step_stats = loss(at, at.batch(exp.batch))
             for k, v in step_stats.items():
                 stats.setdefault(k, []).append(float(v.detach()))
             return global_mean(value * len(rows), minibatch, 1)  # each process's own rollout: DDP averages
 
         learner.model.train()
         for _ in range(self.epochs):
-            K = self.group_size
-            groups = torch.randperm(exp.mask.shape[0] // K, generator=generator)
-            order = (groups[:, None] * K + torch.arange(K)).flatten().tolist()
-            for mb in micro_batches(order, cfg.mini_batch_size):
-                chunks = micro_batches(mb, cfg.micro_batch_size)
-                grad_norm = learner.step(chunks, lambda rows: micro_loss(rows, len(mb)))
+            groups = torch.randperm(len(width), generator=generator).tolist()
+            for mb in micro_batches(groups, max(1, cfg.mini_batch_size // K)):
+                chunks = [[g * K + k for g in part for k in range(K)]
+                          for part in micro_batches(mb, max(1, cfg.micro_batch_size // K), [width[g] for g in mb])]
+                grad_norm = learner.step(chunks, lambda rows: micro_loss(rows, len(mb) * K))
                 stats.setdefault("train/grad_norm", []).append(grad_norm)
         return stats
 

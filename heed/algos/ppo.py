@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 
 from heed.algos.common import already_trained
-from heed.algos.online import OnlineTrainer, Rollout, RolloutConfig, iteration_seed
+from heed.algos.online import OnlineTrainer, Rollout, RolloutConfig, Rows, iteration_seed
 from heed.config import option
 from heed.data import read_prompts
 from heed.losses import (
@@ -186,11 +186,11 @@ class PPOTrainer(OnlineTrainer):
         advantages = masked_whiten(advantages, mask)
 
         # 6. PPO epochs: minibatches reshuffled every epoch, micro-batches accumulated
-        def loss(rows: torch.Tensor, sub: Batch):
+        def loss(at: Rows, sub: Batch):
             logprobs, entropy, values = self.learner.model(sub, cfg.temperature)
-            m = mask[rows]
-            pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.logprobs[rows], advantages[rows], m, cfg.cliprange)
-            vf_loss, vf_stats = ppo_value_loss(values, exp.values[rows], returns[rows], m, cfg.cliprange_value)
+            m = at(mask)
+            pg_loss, pg_stats = ppo_policy_loss(logprobs, at(exp.logprobs), at(advantages), m, cfg.cliprange)
+            vf_loss, vf_stats = ppo_value_loss(values, at(exp.values), at(returns), m, cfg.cliprange_value)
             return pg_loss + cfg.vf_coef * vf_loss, {"loss/policy": pg_loss, "loss/value": vf_loss,
                                                     "policy/entropy": masked_mean(entropy, m), **pg_stats, **vf_stats}
 
