@@ -1,6 +1,6 @@
 """heed against TRL on the same work, side by side: seconds, peak memory, FLOP/s.
 
-    .venv/bin/python bench/vs_trl.py                                  # ~5M model, fp32: rm, dpo, gen
+    .venv/bin/python bench/vs_trl.py                                  # ~5M model, fp32: every work
     .venv/bin/python bench/vs_trl.py --sizes 5m,30m --dtypes fp32,bf16 --out docs/vs_trl.json
 
 On first use it makes its own virtual environments, with torch 2.13.0 pinned (never in heed's own
@@ -385,7 +385,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="5m")
     p.add_argument("--dtypes", default="fp32")
-    p.add_argument("--works", default="rm,dpo,gen", help="of rm, dpo, grpo, rloo, ppo, gen")
+    p.add_argument("--works", default="rm,dpo,grpo,rloo,ppo,gen", help="some of rm, dpo, grpo, rloo, ppo, gen")
     p.add_argument("--pairs", type=int, default=2000)
     p.add_argument("--out", default=None, help="write the measurements as JSON here")
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -51,18 +51,21 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def reserved_cache(model, capacity: int):
+def reserved_cache(model, capacity: int, rows: torch.Tensor | None = None):
     """A KV cache whose layers are allocated once, `capacity` positions long, and written in
     place: Hugging Face's default cache concatenates every layer's keys and values at every new
     token, which copies the whole cache each step (a fifth of a decoding step's time on a small
-    model). None where the model's layers are not plain full-attention ones (sliding windows,
-    linear attention): those keep the model's own cache."""
+    model). With `rows` (the prompt row each sequence continues), the first pass runs the
+    distinct prompts only and each sequence gets its prompt's keys and values. None where the
+    model's layers are not plain full-attention ones (sliding windows, linear attention): those
+    keep the model's own cache."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     class ReservedLayer(DynamicLayer):
         def lazy_initialization(self, key_states, value_states):
             super().lazy_initialization(key_states, value_states)
             B, H, _, D = key_states.shape
+            B = B if rows is None else len(rows)
             self._k = key_states.new_empty((B, H, capacity, D))
             self._v = value_states.new_empty((B, H, capacity, value_states.shape[-1]))
             self._len = 0
@@ -73,9 +76,14 @@ def reserved_cache(model, capacity: int):
             start, end = self._len, self._len + key_states.shape[-2]
             if end > capacity:
                 raise ValueError(f"KV cache of {capacity} positions is full")
+            self._len = end
+            if start == 0 and key_states.shape[0] != self._k.shape[0]:  # the distinct prompts' pass
+                self._k[:, :, :end] = key_states.index_select(0, rows)
+                self._v[:, :, :end] = value_states.index_select(0, rows)
+                self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+                return key_states, value_states
             self._k[:, :, start:end] = key_states
             self._v[:, :, start:end] = value_states
-            self._len = end
             self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
             return self.keys, self.values
 
@@ -104,27 +112,39 @@ def sample_tokens(model, prompt_ids: Sequence[list[int]], *, pad_id: int, eos_id
     read off the same forward pass that chose the token: no second pass.
     """
     device = next(model.parameters()).device
-    B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
-    input_ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-    attention = torch.zeros((B, P), dtype=torch.long, device=device)
-    for i, p in enumerate(prompt_ids):
+    # consecutive rows with the same prompt (n samples of one prompt) share its first pass
+    distinct, owner = [], []
+    for p in prompt_ids:
+        if not distinct or list(p) != distinct[-1]:
+            distinct.append(list(p))
+        owner.append(len(distinct) - 1)
+    B, P = len(prompt_ids), max(len(p) for p in distinct)
+    input_ids = torch.full((len(distinct), P), pad_id, dtype=torch.long, device=device)
+    attention = torch.zeros((len(distinct), P), dtype=torch.long, device=device)
+    for i, p in enumerate(distinct):
         input_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
         attention[i, P - len(p):] = 1
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     if value_head is not None:
         extra["output_hidden_states"] = True
-    cache = reserved_cache(model, P + max_new_tokens)
+    rows = torch.tensor(owner, device=device)
+    cache = reserved_cache(model, P + max_new_tokens, rows if len(distinct) < B else None)
+    if cache is None and len(distinct) < B:  # the model keeps its own cache: every row runs its prompt
+        input_ids, attention, rows = input_ids[rows], attention[rows], torch.arange(B, device=device)
     if cache is not None:
         extra["past_key_values"] = cache
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids(attention),
                 use_cache=True, **extra)
+    attention = attention[rows]
     next_pos = attention.sum(-1)  # (B,) position of the next token
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logprobs, values = [], [], []
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float()
+    for step in range(max_new_tokens):
+        logits = (out.logits[rows, -1, :] if step == 0 else out.logits[:, -1, :]).float()
         if value_head is not None:
-            values.append(value_head(out.hidden_states[-1][:, -1]).squeeze(-1).float().masked_fill(finished, 0.0))
+            hidden = out.hidden_states[-1][:, -1]
+            hidden = hidden[rows] if step == 0 else hidden
+            values.append(value_head(hidden).squeeze(-1).float().masked_fill(finished, 0.0))
         if temperature > 0:
             scaled = logits / temperature
             probs = _filter_logits(scaled, top_k, top_p).softmax(-1)

@@ -159,9 +159,10 @@ def test_padding_to_a_multiple_changes_widths_not_results(tiny_base):
 
 
 def test_reserved_cache_samples_what_transformers_cache_samples(tiny_base, monkeypatch):
-    """The sampler's cache, allocated once and written in place, gives the same tokens, log-probs
-    and finished flags as transformers' own cache, on left-padded prompts of the Llama-style
-    demo model and a GPT-2-style one; a sliding-window model keeps its own cache."""
+    """The sampler's cache, allocated once and written in place (repeated prompts run once),
+    gives the same tokens, log-probs and finished flags as transformers' own cache, on
+    left-padded prompts of the Llama-style demo model and a GPT-2-style one; a sliding-window
+    model keeps its own cache."""
     from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig
 
     import heed.generate as G
@@ -171,6 +172,7 @@ def test_reserved_cache_samples_what_transformers_cache_samples(tiny_base, monke
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=2)).eval()
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in
                ["User: Is the Febo black?\nAssistant:", "User: Describe the Buba, please, now.\nAssistant:"]]
+    prompts = [prompts[0]] * 2 + [prompts[1]] * 3 + [prompts[0]]
     args = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=20, temperature=0.9)
     for m in (model, gpt2):
         assert G.reserved_cache(m, 8) is not None
