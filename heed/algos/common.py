@@ -44,7 +44,8 @@ class TrainConfig:
     lr: float = option(1e-3, "peak learning rate (AdamW), warmed up then annealed to zero")
     warmup_steps: int = option(20, "linear warm-up steps")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    micro_batch_size: int = option(32, "sequences per forward pass, per process (gradient accumulation below this)")
+    micro_batch_size: int = option(32, "sequences per forward pass (at most), per process; a batch runs in "
+                                                "micro-batches of similar length, gradients accumulated")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
     save_every: int = option(100, "checkpoint every N steps (a killed run resumes from the last)")
     bf16: bool = option(False, "bf16 autocast: for GPUs, and CPUs with AMX on models of ~10M parameters and up "

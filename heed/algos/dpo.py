@@ -66,7 +66,8 @@ class DPOConfig(OfflineConfig):
     lr: float = option(1e-4, "peak learning rate (AdamW), warmed up then annealed to zero")
     warmup_steps: int = option(5, "linear warm-up steps")
     batch_size: int = option(32, "global batch size (pairs per optimiser step, all processes together)")
-    micro_batch_size: int = option(16, "pairs per forward pass, per process (gradient accumulation below this)")
+    micro_batch_size: int = option(16, "pairs per forward pass (at most), per process; a batch runs in "
+                                                "micro-batches of similar length, gradients accumulated")
     max_prompt_len: int = option(96, "prompt tokens kept (the end of longer prompts)")
     max_response_len: int = option(64, "response tokens kept (EOS included)")
     log_every: int = option(10, "log training metrics, averaged over N steps, every N steps")

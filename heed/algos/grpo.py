@@ -56,7 +56,8 @@ class GRPOConfig(RolloutConfig):
     n: int = option(4, "responses sampled per prompt (the group)")
     epochs: int = option(1, "passes over each rollout")
     mini_batch_size: int = option(32, "sequences per optimiser step, per process")
-    micro_batch_size: int = option(32, "sequences per forward pass (gradient accumulation below this)")
+    micro_batch_size: int = option(32, "sequences per forward pass (at most), per process; a batch runs in "
+                                                "micro-batches of similar length, gradients accumulated")
     lr: float = option(5e-5, "peak learning rate (AdamW), annealed to zero")
     warmup_steps: int = option(0, "linear warm-up optimiser steps")
     cliprange: float = option(0.2, "ratio clip epsilon")

@@ -75,7 +75,8 @@ class PPOConfig(RolloutConfig):
     steps: int = option(40, "PPO iterations (rollout + update)")
     prompts_per_iteration: int = option(64, "prompts per iteration, per process (one response each)")
     mini_batch_size: int = option(16, "sequences per optimiser step, per process")
-    micro_batch_size: int = option(16, "sequences per forward pass (gradient accumulation below this)")
+    micro_batch_size: int = option(16, "sequences per forward pass (at most), per process; a batch runs in "
+                                                "micro-batches of similar length, gradients accumulated")
     ppo_epochs: int = option(4, "passes over each rollout batch")
     lr: float = option(5e-5, "peak learning rate (AdamW), annealed to zero")
     warmup_steps: int = option(0, "linear warm-up optimiser steps")

@@ -49,7 +49,15 @@ from heed.data import read_prompts, read_reward_pairs, write_jsonl
 from heed.filter import SELECTIONS, filter_rows, token_length
 from heed.generate import generate
 from heed.losses import rebel_loss
-from heed.models import TokenLogprobs, batched_pair_logprobs, device_of, load_policy, save_model, shared_batch
+from heed.models import (
+    TokenLogprobs,
+    batched_pair_logprobs,
+    device_of,
+    load_policy,
+    save_model,
+    shared_batch,
+    shared_width,
+)
 from heed.rules import load_reward
 from heed.utils import HeedError, progress, seed_everything
 
@@ -70,7 +78,8 @@ class REBELConfig(TrainConfig):
     lr: float = option(1e-4, "peak learning rate (AdamW), annealed to zero over all iterations")
     warmup_steps: int = option(0, "linear warm-up optimiser steps")
     batch_size: int = option(32, "global batch size (pairs per optimiser step, all processes together)")
-    micro_batch_size: int = option(16, "pairs per forward pass, per process (gradient accumulation below this)")
+    micro_batch_size: int = option(16, "pairs per forward pass (at most), per process; a batch runs in "
+                                                "micro-batches of similar length, gradients accumulated")
     max_new_tokens: int = option(48, "response length limit when sampling")
     max_prompt_len: int = option(96, "prompt tokens kept; longer prompts are filtered out")
     max_response_len: int = option(48, "longer responses are filtered out")
@@ -131,7 +140,9 @@ class REBELTrainer:
             order = torch.randperm(len(pairs), generator=generator).tolist()
             for start in range(0, len(pairs), cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
-                chunks = micro_batches(idx[learner.rank::learner.world], cfg.micro_batch_size)
+                share = idx[learner.rank::learner.world]
+                chunks = micro_batches(share, cfg.micro_batch_size, [
+                    shared_width(prompts[i], [pairs[i]["chosen"], pairs[i]["rejected"]]) for i in share])
                 stats["train/grad_norm"].append(learner.step(chunks, lambda chunk: loss(chunk, len(idx))))
         metrics = mean_stats(stats)
         metrics.update({"rebel/reward_diff": float((reward_a - reward_b).mean()), "rebel/pairs": len(pairs),

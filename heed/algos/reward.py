@@ -79,7 +79,8 @@ class RewardTrainConfig(OfflineConfig):
     lr: float = option(1e-3, "peak learning rate (AdamW), warmed up then annealed to zero")
     warmup_steps: int = option(10, "linear warm-up steps")
     batch_size: int = option(32, "global batch size (feedback rows per optimiser step, all processes)")
-    micro_batch_size: int = option(32, "feedback rows per forward pass (gradient accumulation below this)")
+    micro_batch_size: int = option(32, "feedback rows per forward pass (at most), per process; a batch runs in "
+                                                "micro-batches of similar length, gradients accumulated")
     eval_every: int = option(50, "evaluate on held-out feedback every N steps")
     save_every: int = option(100, "checkpoint every N steps (a killed run resumes from the last)")
     skip_invalid: bool = option(False, "skip and count malformed rows instead of stopping")
