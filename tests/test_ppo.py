@@ -94,3 +94,23 @@ def test_two_process_ppo_keeps_ranks_identical(tiny_base, world_dir, tmp_path):
     for name, p in rank0.items():
         assert torch.equal(p, rank1[name]), f"ranks differ at {name}"
     assert not torch.equal(rank0["policy.model.embed_tokens.weight"], base.model.embed_tokens.weight)
+
+
+def test_a_micro_batch_keeps_only_the_columns_its_rows_use(tiny_base):
+    """online.Rows: a micro-batch of a rollout is cut to the columns its rows use, and its
+    log-probs there equal the full-width batch's, column for column."""
+    from heed.algos.online import Rows
+    from heed.models import collate, encode_prompts, encode_responses, token_logprobs
+
+    model, tok = load_policy(tiny_base)
+    prompts = ["Hi.", "Describe the Buba, the small fish of the river, in a few words, please.", "Is the Febo black?"]
+    responses = ["Hello there, how are you today?", "A fish.", "Yes."]
+    full = collate(encode_prompts(tok, prompts, 64), encode_responses(tok, responses, 32), tok.pad_token_id)
+    at = Rows.of([2, 0], full)
+    sub = at.batch(full)
+    assert sub.input_ids.shape[1] < full.input_ids.shape[1]
+    assert bool(sub.attention_mask[:, 0].any()) and bool(sub.attention_mask[:, -1].any())  # no all-pad column
+    with torch.no_grad():
+        torch.testing.assert_close(token_logprobs(model, sub) * sub.response_mask,
+                                   at(token_logprobs(model, full) * full.response_mask), atol=1e-5, rtol=1e-5)
+    assert torch.equal(at(full.response_mask), sub.response_mask) and torch.equal(at(torch.arange(3)), at.rows)
