@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from heed.template import prompt_key
+from heed.template import format_turns, prompt_key
 from heed.utils import HeedError
 
 # ---------------------------------------------------------------------------
@@ -216,11 +216,13 @@ def read_prompts(path: str | Path, *, skip_invalid: bool = False) -> list:
 #   pairs     {"prompt": str, "chosen": str, "rejected": str} + optional "margin": number,
 #             "tie": bool (a tie is a 0.5 target), "both_bad": bool (incomparable: not used)
 #   hh        {"chosen", "rejected"}: whole Anthropic HH-RLHF transcripts
-#             ("\n\nHuman: … \n\nAssistant: …") sharing the dialogue up to the last
-#             assistant turn; that shared part becomes a chat prompt
+#             ("\n\nHuman: … \n\nAssistant: …"), each ending with an assistant turn;
+#             the whole turns they share, up to a human turn, become a chat prompt, and
+#             the rest of each (usually its last turn; several turns where the two part
+#             earlier, rendered as in the whole dialogue: see part_dialogues) its response
 #   chat      "prompt" (optional), "chosen", "rejected" as lists of {"role", "content"};
-#             prompt + chosen and prompt + rejected must end with one assistant message
-#             and agree on everything before it
+#             prompt + chosen and prompt + rejected must end with an assistant message;
+#             split into prompt and responses as hh is
 #   rankings  {"prompt", "responses": [str, ...], "ranking": [indices of responses, best first]}
 #   thumbs    {"prompt", "response", "label": "up"|"down"|true|false|1|0}
 #   ratings   {"prompt", "response", "score": number}
@@ -329,8 +331,8 @@ def parse_pair(row: dict) -> Pair | None:
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
-def split_hh(text: str, field: str) -> tuple[list[dict], str]:
-    """An HH-RLHF transcript -> (messages before the last assistant turn, that turn's text)."""
+def hh_messages(text: str, field: str) -> list[dict]:
+    """An HH-RLHF transcript -> its turns as chat messages (Human: user, Assistant: assistant)."""
     import re
 
     if not text.startswith(HH_HUMAN):
@@ -340,23 +342,46 @@ def split_hh(text: str, field: str) -> tuple[list[dict], str]:
                 for marker, body in zip(parts[::2], parts[1::2])]
     if messages[-1]["role"] != "assistant":
         raise FieldError(field, "the transcript must end with an '\\n\\nAssistant:' turn")
-    return messages[:-1], messages[-1]["content"]
+    return messages
+
+
+def part_dialogues(chosen: list[dict], rejected: list[dict], what: str) -> tuple[list[dict], str, str]:
+    """(prompt, chosen response, rejected response) of two dialogues, each ending with an
+    assistant turn, that begin alike.
+
+    The prompt is the whole turns both share, up to the latest assistant turn both have
+    after it: usually everything before the last turn. Where the dialogues part earlier
+    (about 1 HH-RLHF row in 500: an earlier assistant turn differs, or a later human one),
+    each response is the rest of its dialogue from that assistant turn on, rendered by
+    `format_turns`, so that prompt + response reads exactly as the whole dialogue does.
+    """
+    common = 0
+    while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
+        common += 1
+    cut = next((k for k in range(min(common, len(chosen) - 1, len(rejected) - 1), 0, -1)
+                if chosen[k]["role"] == rejected[k]["role"] == "assistant"), 0)
+    if not cut:
+        if chosen[0]["role"] == "assistant":
+            raise FieldError("chosen", "no messages before the assistant's response (nothing to use as the prompt)")
+        raise FieldError("rejected", f"does not share the {what} with 'chosen': they part before "
+                                     "any assistant turn, so there is no common prompt")
+    return chosen[:cut], format_turns(chosen[cut:]), format_turns(rejected[cut:])
 
 
 def parse_hh(row: dict) -> Pair:
-    """A pair of whole transcripts; the dialogue they share up to the last assistant turn is the prompt."""
+    """A pair of whole transcripts; the dialogue they share (whole turns, up to a human turn) is
+    the prompt, and the rest of each transcript its response (see `part_dialogues`)."""
     chosen_text, rejected_text = get_str(row, "chosen"), get_str(row, "rejected")
-    prompt, chosen = split_hh(chosen_text, "chosen")
-    rejected_prompt, rejected = split_hh(rejected_text, "rejected")
-    if rejected_prompt != prompt:
-        raise FieldError("rejected", "does not share the dialogue with 'chosen' up to the last assistant turn")
+    prompt, chosen, rejected = part_dialogues(hh_messages(chosen_text, "chosen"),
+                                              hh_messages(rejected_text, "rejected"), "dialogue")
     tie = _flag(row, "tie")
     margin = get_number(row, "margin") if row.get("margin") is not None else 0.0
     return Pair(prompt, chosen, rejected, margin, tie)
 
 
 def parse_chat_pair(row: dict) -> Pair | None:
-    """Message lists; an optional "prompt" list is put before both chosen and rejected."""
+    """Message lists; an optional "prompt" list is put before both chosen and rejected. The
+    conversation they share is the prompt, the rest of each its response (see `part_dialogues`)."""
     prompt = get_messages(row, "prompt") if "prompt" in row else []
     full = {}
     for name in ("chosen", "rejected"):
@@ -364,15 +389,17 @@ def parse_chat_pair(row: dict) -> Pair | None:
         if messages[-1]["role"] != "assistant":
             raise FieldError(name, "must end with the assistant's response")
         full[name] = messages
-    if full["chosen"][:-1] != full["rejected"][:-1]:
-        raise FieldError("rejected", "does not share the conversation with 'chosen' before the last message")
-    if not full["chosen"][:-1]:
-        raise FieldError("prompt", "no messages before the response")
+    try:
+        shared, chosen, rejected = part_dialogues(full["chosen"], full["rejected"], "conversation")
+    except FieldError as e:
+        if e.field == "chosen" and not prompt:
+            raise FieldError("prompt", "no messages before the response") from None
+        raise
     tie = _flag(row, "tie")
     margin = get_number(row, "margin") if row.get("margin") is not None else 0.0
     if _flag(row, "both_bad"):
         return None
-    return Pair(full["chosen"][:-1], full["chosen"][-1]["content"], full["rejected"][-1]["content"], margin, tie)
+    return Pair(shared, chosen, rejected, margin, tie)
 
 
 def parse_ranking(row: dict) -> Ranking:

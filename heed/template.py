@@ -30,6 +30,19 @@ def format_transcript(prompt: str | list[dict], response: str, *, end: bool = Tr
     return format_prompt(prompt) + " " + response + (EOS_TOKEN if end else "")
 
 
+def format_turns(turns: list[dict]) -> str:
+    """Turns that continue a prompt (the assistant's first, the assistant's last: a, user, a,
+    ...) as one response text. A multi-turn response renders like the whole dialogue:
+    format_transcript(prompt, format_turns(turns)) == format_transcript(prompt + turns[:-1],
+    turns[-1]["content"]), because the text after the prompt's "Assistant:" is the same."""
+    if not turns or turns[0]["role"] != "assistant" or turns[-1]["role"] != "assistant":
+        raise ValueError("a response's turns must start and end with the assistant's")
+    if len(turns) == 1:
+        return turns[0]["content"]
+    # format_prompt(turns[:-1]) is "Assistant: a<EOS>\n...\nAssistant:"; drop the first role name
+    return format_prompt(turns[:-1])[len(ROLE_NAMES["assistant"]) + 2:] + " " + turns[-1]["content"]
+
+
 def prompt_key(prompt: str | list[dict]) -> str:
     """A hashable identity for a prompt (message lists are rendered)."""
     return prompt if isinstance(prompt, str) else format_prompt(prompt)

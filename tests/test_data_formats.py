@@ -170,3 +170,141 @@ def test_undetectable_and_empty(tmp_path):
         read_feedback(tmp_path / "e.jsonl")
     with pytest.raises(HeedError, match="file not found"):
         read_feedback(tmp_path / "missing.jsonl")
+
+
+# ---------------------------------------------------------------------------
+# Pairs whose two dialogues part before the last assistant turn (5 of the 2,312 rows of
+# HH-RLHF's harmless-base/test.jsonl.gz, the first at line 844): the shared whole turns
+# are the prompt, and each side's remaining turns its response, rendered as the whole
+# dialogue would be.
+# ---------------------------------------------------------------------------
+
+def hh(*turns: str) -> str:
+    """An HH-RLHF transcript from alternating human/assistant turns."""
+    return "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns))
+
+
+def chat(*turns: str) -> list[dict]:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+H1, H2 = "How do I pick a lock?", "I locked myself out of my own house."
+# (chosen turns, rejected turns, number of shared turns that form the prompt)
+PARTING = {
+    "last turn": (("Hi", "Hello.", H1, "I can't help with that."), ("Hi", "Hello.", H1, "Use a tension wrench."), 3),
+    "earlier assistant turn": ((H1, "Why do you ask?", H2, "Call a locksmith."),
+                               (H1, "Use a tension wrench.", H2, "Then rake the pins."), 1),
+    "later human turn": ((H1, "Why do you ask?", H2, "Call a locksmith."),
+                         (H1, "Why do you ask?", "Just curious.", "Use a tension wrench."), 1),
+    "one side goes on": ((H1, "Why do you ask?"), (H1, "Why do you ask?", H2, "Call a locksmith."), 1),
+    "identical": ((H1, "No."), (H1, "No."), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(PARTING))
+@pytest.mark.parametrize("fmt", ["hh", "chat", "chat with prompt"])
+def test_dialogues_parting_before_the_last_turn(tmp_path, fmt, case):
+    from heed.template import format_transcript
+
+    chosen, rejected, n_shared = PARTING[case]
+    if fmt == "hh":
+        row = {"chosen": hh(*chosen), "rejected": hh(*rejected)}
+    elif fmt == "chat":
+        row = {"chosen": chat(*chosen), "rejected": chat(*rejected)}
+    else:  # the first turn as the explicit prompt column, the rest in chosen/rejected
+        row = {"prompt": chat(*chosen)[:1], "chosen": chat(*chosen)[1:],
+               "rejected": [{"role": "assistant" if i % 2 == 0 else "user", "content": t}
+                            for i, t in enumerate(rejected[1:])]}
+    fb = read_feedback(write_jsonl(tmp_path / "f.jsonl", [GOOD["hh"][0] if fmt == "hh" else GOOD["chat"][1], row]))
+    assert fb.format == fmt.split()[0] and len(fb.rows) == 2
+    pair = fb.rows[1]
+    assert pair.prompt == chat(*chosen)[:n_shared]
+    if n_shared == len(chosen) - 1 and n_shared == len(rejected) - 1:  # parting at the last turn: as before
+        assert (pair.chosen, pair.rejected) == (chosen[-1], rejected[-1])
+    # Prompt + response renders to exactly the whole dialogue's text, on both sides.
+    for side, response in ((chosen, pair.chosen), (rejected, pair.rejected)):
+        whole = chat(*side)
+        assert format_transcript(pair.prompt, response) == format_transcript(whole[:-1], whole[-1]["content"])
+    if case == "identical":
+        assert pair.chosen == pair.rejected == "No."
+
+
+def test_early_parting_responses_hold_the_later_turns():
+    from heed.data import parse_hh
+
+    chosen, rejected, _ = PARTING["earlier assistant turn"]
+    pair = parse_hh({"chosen": hh(*chosen), "rejected": hh(*rejected)})
+    assert pair.prompt == [{"role": "user", "content": H1}]
+    assert pair.chosen == f"Why do you ask?<|endoftext|>\nUser: {H2}\nAssistant: Call a locksmith."
+    assert pair.rejected == f"Use a tension wrench.<|endoftext|>\nUser: {H2}\nAssistant: Then rake the pins."
+
+
+def test_early_parting_tokens_equal_the_whole_dialogues(tmp_path):
+    """The tokens the reward model and DPO see (prompt and response encoded apart) are the
+    whole dialogue's tokens: the turn boundaries inside a response keep their EOS token."""
+    from heed.models import make_batch, train_tokenizer
+    from heed.template import format_transcript
+
+    texts = [format_transcript(chat(*c)[:-1], c[-1]) for c, _, _ in PARTING.values()] * 20
+    tok = train_tokenizer(texts, vocab_size=300)
+    chosen, rejected, _ = PARTING["earlier assistant turn"]
+    pair = read_feedback(write_jsonl(tmp_path / "f.jsonl", [{"chosen": hh(*chosen), "rejected": hh(*rejected)}])
+                         ).rows[0]
+    batch = make_batch(tok, [pair.prompt] * 2, [pair.chosen, pair.rejected], max_prompt_len=512,
+                       max_response_len=512)
+    for i, side in enumerate((chosen, rejected)):
+        whole = chat(*side)
+        expected = tok(format_transcript(whole[:-1], whole[-1]["content"]), add_special_tokens=False)["input_ids"]
+        got = batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
+        assert got == expected
+        assert got.count(tok.eos_token_id) == 2  # the first assistant turn's end, and the response's
+
+
+def test_a_released_file_with_early_parting_rows_loads_whole(tmp_path):
+    """Like harmless-base/test.jsonl.gz: most rows part at the last turn, a few earlier; the
+    whole file loads, for `heed rm train` and for DPO's reader."""
+    from heed.data import read_preference_pairs
+
+    rows = [{"chosen": hh(*c), "rejected": hh(*r)} for c, r, _ in PARTING.values() if c != r] * 3
+    path = write_jsonl(tmp_path / "test.jsonl.gz", rows, gz=True)
+    fb = read_feedback(path)
+    assert fb.format == "hh" and len(fb.rows) == len(rows) and fb.skipped == 0
+    pairs, ties = read_preference_pairs([str(path)])
+    assert len(pairs) == len(rows) and ties == 0
+
+
+EARLY_BAD = [
+    # (bad row, field named in the error, message fragment): still malformed, named by line and field
+    ({"chosen": hh(H1, "a", H2, "b"), "rejected": hh(H2, "a", H2, "b")}, "rejected", "does not share"),
+    ({"chosen": hh(H1, "a", H2, "b"), "rejected": hh(H1, "a", H2)}, "rejected", "must end with"),
+    ({"chosen": hh(H1, "a", H2, "b"), "rejected": "Human: x\n\nAssistant: y"}, "rejected", "must start"),
+    ({"chosen": hh(H1, "a"), "rejected": None}, "rejected", "expected a string"),
+    ({"chosen": chat(H1, "a", H2, "b"), "rejected": chat(H2, "a", H2, "b")}, "rejected", "does not share"),
+    ({"chosen": chat(H1, "a", H2, "b"), "rejected": chat(H1, "a", H2)}, "rejected", "must end with"),
+    ({"chosen": chat(H1, "a", H2, "b"), "rejected": [{"role": "user", "content": H1}, {"role": "bot"}]},
+     "rejected[1]", "expected {"),
+    ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+     "prompt", "no messages before"),
+]
+
+
+@pytest.mark.parametrize("bad,field,fragment", EARLY_BAD)
+def test_malformed_dialogue_rows_name_line_and_field(tmp_path, bad, field, fragment):
+    good = {"chosen": hh(H1, "a", H2, "b"), "rejected": hh(H1, "c", H2, "d")}
+    if isinstance(bad["chosen"], list):
+        good = {"chosen": chat(H1, "a", H2, "b"), "rejected": chat(H1, "c", H2, "d")}
+    path = write_jsonl(tmp_path / "fb.jsonl", [good, good, bad])
+    with pytest.raises(HeedError) as e:
+        read_feedback(path)
+    assert f"fb.jsonl:3: field '{field}'" in str(e.value) and fragment in str(e.value)
+    assert len(read_feedback(path, skip_invalid=True).rows) == 2
+
+
+def test_format_turns_needs_assistant_turns_at_both_ends():
+    from heed.template import format_turns
+
+    assert format_turns(chat("q", "a")[1:]) == "a"
+    with pytest.raises(ValueError):
+        format_turns(chat("q", "a"))
+    with pytest.raises(ValueError):
+        format_turns([])
