@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -88,8 +89,9 @@ def read_rows(path: str | Path, parse: Callable[[dict], Any], *, skip_invalid: b
     """Read every row through `parse(row)`, which raises `FieldError` for a bad field.
 
     Raises HeedError for an empty file, and for the first bad row unless
-    `skip_invalid`, in which case the number skipped is printed (and put in
-    `stats["skipped"]` when a dict is given).
+    `skip_invalid`, in which case each skipped row's line and reason go to
+    stderr, and their number to stdout (and into `stats["skipped"]` when a
+    dict is given).
     """
     out, skipped = [], 0
     for line, row in iter_records(path):
@@ -103,6 +105,7 @@ def read_rows(path: str | Path, parse: Callable[[dict], Any], *, skip_invalid: b
             where = f"{path}:{line}" + (f": field '{e.field}'" if e.field else "")
             if not skip_invalid:
                 raise HeedError(f"{where}: {e.message} (use --skip-invalid to skip bad rows)") from None
+            print(f"skipped {where}: {e.message}", file=sys.stderr)
             skipped += 1
     if stats is not None:
         stats["skipped"] = skipped
