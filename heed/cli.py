@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "rm train": ("heed.algos.reward", "RewardTrainConfig", "train", "train a reward model (or ensemble) on feedback"),
     "rm eval": ("heed.reward_metrics", "RewardEvalConfig", "evaluate", "accuracy and calibration of a reward model"),
     "rm score": ("heed.rules", "RewardScoreConfig", "score", "add a reward column to prompt/response rows"),
+    "rm serve": ("heed.reward_server", "RewardServeConfig", "serve", "serve a reward model over HTTP, token required"),
     "ppo": ("heed.algos.ppo", "PPOConfig", "run", "PPO against a reward with a KL penalty to the reference"),
     "dpo": ("heed.algos.dpo", "DPOConfig", "run", "direct preference optimisation on pairs"),
     "filter": ("heed.filter", "FilterConfig", "filter_stage", "dedupe, drop over-long, keep best/worst per prompt"),

@@ -5,12 +5,14 @@ per (prompt, response). On the command line a reward term is written
 
     [WEIGHT*]TARGET
     TARGET = a reward-model directory        runs/rm
+           | a reward server (heed rm serve) http://rm-host:8765
            | module:function                 heed.rules:gold
            | path/to/file.py:function        my_rules.py:brevity
 
 and a reward is a list of terms, summed with their weights (default 1):
 `--reward runs/rm,0.5*my_rules.py:brevity`. A reward model contributes its
-normalised ensemble mean (heed.reward_model).
+normalised ensemble mean (heed.reward_model); one served over HTTP the same
+(heed.reward_server: the token comes from $HEED_REWARD_TOKEN).
 
     reward = load_reward(["runs/rm", "0.5*my_rules.py:brevity"])
     total = reward(prompts, responses)                    # list[float]
@@ -35,6 +37,7 @@ from heed.config import option
 from heed.data import get_prompt, get_str, read_rows, write_jsonl
 from heed.evaluate import gold_scores
 from heed.reward_model import RewardModel
+from heed.reward_server import RemoteRewardModel
 from heed.utils import HeedError
 
 Rule = Callable[[Sequence, Sequence[str]], Sequence[float]]
@@ -92,7 +95,8 @@ class RewardFunction:
     """A weighted sum of rule rewards and reward models."""
 
     rules: list[tuple[str, float, Rule]] = field(default_factory=list)     # (name, weight, callable)
-    models: list[tuple[str, float, object]] = field(default_factory=list)  # (name, weight, RewardModel)
+    # (name, weight, model): a RewardModel, or a RemoteRewardModel (heed rm serve): both have score, n_members
+    models: list[tuple[str, float, object]] = field(default_factory=list)
 
     def rule_rewards(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
         """The weighted sum of the rules alone (0 when there are none)."""
@@ -126,7 +130,9 @@ def load_reward(specs: Sequence[str]) -> RewardFunction:
     for spec in specs:
         match = _WEIGHTED.match(spec)
         weight, target = (float(match.group(1)), match.group(2)) if match else (1.0, spec.strip())
-        if Path(target).is_dir():
+        if target.startswith(("http://", "https://")):
+            reward.models.append((target, weight, RemoteRewardModel(target)))
+        elif Path(target).is_dir():
             reward.models.append((target, weight, RewardModel.load(target)))
         else:
             reward.rules.append((target, weight, load_rule(target)))
@@ -154,8 +160,9 @@ class RewardScoreConfig:
     data: str = option(help="JSONL/Parquet rows with 'prompt' and 'response' (other fields are kept)")
     out: str = option(help="output JSONL: the rows with a reward column added")
     model: str | None = option(None, "reward model directory (shorthand for --reward DIR)")
-    reward: list[str] = option([], "reward terms [WEIGHT*]TARGET: a reward-model dir, module:function or "
-                                   "file.py:function, comma-separated; summed with their weights")
+    reward: list[str] = option([], "reward terms [WEIGHT*]TARGET: a reward-model dir, http://HOST:PORT "
+                                   "(heed rm serve), module:function or file.py:function, comma-separated; "
+                                   "summed with their weights")
     column: str = option("reward", "name of the added column")
     batch_size: int = option(64, "rows scored together")
     skip_invalid: bool = option(False, "skip and count malformed rows instead of stopping")
