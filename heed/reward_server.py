@@ -165,10 +165,17 @@ def resolve_token(token_env: str) -> str:
         token = secrets.token_urlsafe(32)
         print(f"${token_env} is not set: clients must send this token (export {token_env}=... where they run):\n"
               f"{token}", flush=True)
+    elif not usable_token(token):
+        raise HeedError(f"${token_env}: a token must be printable ASCII without spaces (an HTTP header carries it)")
     elif len(token) < MIN_TOKEN_CHARS:
         raise HeedError(f"${token_env} holds a token of {len(token)} characters; use at least {MIN_TOKEN_CHARS} "
                         "characters (python -c \"import secrets; print(secrets.token_urlsafe(32))\")")
     return token
+
+
+def usable_token(token: str) -> bool:
+    """Printable ASCII without spaces: what an Authorization header carries unchanged."""
+    return token.isascii() and token.isprintable() and not any(c.isspace() for c in token)
 
 
 def make_server(cfg: RewardServeConfig):
@@ -236,6 +243,9 @@ class RemoteRewardModel:
         if not token:
             raise HeedError(f"reward server at {self.url}: no token; set ${self.token_env} to the token "
                             "`heed rm serve` was given (or printed)")
+        if not usable_token(token):
+            raise HeedError(f"reward server at {self.url}: ${self.token_env} must be printable ASCII without "
+                            "spaces, as `heed rm serve` requires")
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         # no proxies from the environment: the token goes to the reward server and nowhere else
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

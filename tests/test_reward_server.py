@@ -253,6 +253,12 @@ def test_token_from_the_environment_or_made_and_printed(monkeypatch, capsys):
     monkeypatch.setenv(TOKEN_ENV, "short")
     with pytest.raises(HeedError, match="at least 16 characters"):
         resolve_token(TOKEN_ENV)
+    for unusable in ("é" * 20, "two words, both long enough"):  # a header cannot carry them as they are
+        monkeypatch.setenv(TOKEN_ENV, unusable)
+        with pytest.raises(HeedError, match="printable ASCII without spaces"):
+            resolve_token(TOKEN_ENV)
+        with pytest.raises(HeedError, match="printable ASCII without spaces"):
+            RemoteRewardModel(f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     assert resolve_token(TOKEN_ENV) == TOKEN
 
