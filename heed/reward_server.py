@@ -79,8 +79,8 @@ def parse_score_body(body: bytes, max_batch: int) -> tuple[list, list[str]]:
     """(prompts, responses) of a /score body, or BadRequest naming the field and row index."""
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(400, f"the body is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (nested too deep: RecursionError)
+        raise BadRequest(400, f"the body is not valid JSON ({type(e).__name__}: {e})") from None
     rows = payload.get("rows") if isinstance(payload, dict) else None
     if not isinstance(rows, list):
         raise BadRequest(400, "expected {\"rows\": [{\"prompt\": ..., \"response\": ...}, ...]}", "rows")

@@ -176,6 +176,7 @@ def test_too_large_requests_are_refused_with_413(server):
 
 @pytest.mark.parametrize("body,field,fragment", [
     (b"{not json", None, "not valid JSON"),
+    (b"[" * 5000, None, "RecursionError"),  # nested too deep for the parser
     (b'{"prompts": []}', "rows", "expected {\"rows\""),
     (b'{"rows": "p"}', "rows", "expected {\"rows\""),
     (b'{"rows": [{"prompt": "p", "response": "r"}, 7]}', "rows[1]", "expected an object"),
