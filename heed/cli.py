@@ -51,9 +51,11 @@ def available() -> dict[str, tuple[str, str, str, str]]:
     return {words: spec for words, spec in COMMANDS.items() if installed(spec[0])}
 
 
-def _usage() -> str:
-    lines = ["usage: heed COMMAND [options]   (heed COMMAND --help for its options)", "", "commands:"]
-    cmds = available()
+def _usage(group: str = "") -> str:
+    """The commands (those starting with the words `group`, when given), one line each."""
+    cmds = {w: spec for w, spec in available().items() if not group or w.startswith(group + " ")}
+    lines = [f"usage: heed {group + ' ' if group else ''}COMMAND [options]   "
+             "(heed COMMAND --help for its options)", "", "commands:"]
     width = max((len(w) for w in cmds), default=0)
     lines += [f"  {w:<{width}}  {spec[3]}" for w, spec in cmds.items()]
     return "\n".join(lines)
@@ -68,10 +70,14 @@ def main(argv: list[str] | None = None) -> int:
             words = " ".join(argv[:n])
             break
     if words is None:
-        print(_usage())
-        if not argv or argv[0] in ("-h", "--help"):
+        # `heed label --help`: the words so far name a group of commands
+        group = next((" ".join(argv[:n]) for n in (2, 1) if argv[:n] and any(
+            w.startswith(" ".join(argv[:n]) + " ") for w in cmds)), "")
+        print(_usage(group))
+        rest = argv[len(group.split()):]
+        if not rest or rest[0] in ("-h", "--help"):
             return 0
-        print(f"\nerror: unknown command {' '.join(argv[:2])!r}", file=sys.stderr)
+        print(f"\nerror: unknown command {' '.join(argv[:len(group.split()) + 1])!r}", file=sys.stderr)
         return 2
     module_name, cls_name, fn_name, summary = cmds[words]
     module = importlib.import_module(module_name)

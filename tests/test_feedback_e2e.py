@@ -3,7 +3,11 @@
 One annotator logs in, labels a pair from the keyboard, gives a tie, skips, undoes the
 skip and answers instead, ranks three responses, and exports from the admin page;
 then `heed rm train` trains on the export. Along the way: a response full of HTML and
-script is shown as text and never runs. `.ci/install-browser.sh` installs what it needs.
+script is shown as text and never runs. Then, with and without JavaScript, the Back
+button after an answer never carries that answer onto the next item; and a
+20,000-character response with hidden characters keeps the choices and the progress in
+view at desktop and phone sizes, with the hidden characters shown as marks.
+`.ci/install-browser.sh` installs what it needs.
 """
 
 import json
@@ -11,6 +15,7 @@ import shutil
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,9 +45,8 @@ def chromium_path() -> str | None:
     return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
 
 
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
-    """Run the whole browser session once; returns what it saw and the exported files."""
+def browser_parts():
+    """(playwright's sync_api, chromium's path), or the reason the test cannot run."""
     try:
         from playwright import sync_api
     except ImportError:  # part of the test extra: missing means a broken install, not a reason to skip
@@ -50,14 +54,14 @@ def labelled(tmp_path_factory):
     chromium = chromium_path()
     if chromium is None:
         pytest.skip("chromium not found (run .ci/install-browser.sh, which installs Debian's chromium)")
+    return sync_api, chromium
+
+
+@contextmanager
+def serving(app):
+    """The app on a free loopback port, in a thread; yields its URL."""
     import uvicorn
 
-    tmp = tmp_path_factory.mktemp("e2e")
-    store = Store(tmp / "labels.db")
-    store.add_items([{"id": f"pair{k}", "prompt": p, "responses": [a, b]} for k, (p, a, b) in enumerate(PAIRS)]
-                    + [{"id": "rank0", "kind": "ranking", "prompt": RANKING[0], "responses": RANKING[1]}])
-    token = store.add_user("ana", admin=True)
-    app = create_app(store, guidelines="# How to judge\n\nPrefer **correct**, relevant answers.")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -68,9 +72,32 @@ def labelled(tmp_path_factory):
     while not server.started:
         assert thread.is_alive() and time.time() < deadline, "the app did not start"
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    seen: dict = {"alerts": [], "errors": []}
     try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def log_in(page, url: str, token: str) -> None:
+    page.goto(url + "/login")
+    page.fill("#token", token)
+    with page.expect_navigation():
+        page.click("#login-form button")
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Run the whole browser session once; returns what it saw and the exported files."""
+    sync_api, chromium = browser_parts()
+    tmp = tmp_path_factory.mktemp("e2e")
+    store = Store(tmp / "labels.db")
+    store.add_items([{"id": f"pair{k}", "prompt": p, "responses": [a, b]} for k, (p, a, b) in enumerate(PAIRS)]
+                    + [{"id": "rank0", "kind": "ranking", "prompt": RANKING[0], "responses": RANKING[1]}])
+    token = store.add_user("ana", admin=True)
+    app = create_app(store, guidelines="# How to judge\n\nPrefer **correct**, relevant answers.")
+    seen: dict = {"alerts": [], "errors": []}
+    with serving(app) as url:
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
@@ -147,9 +174,6 @@ def labelled(tmp_path_factory):
                     page.click(f"#export-{kind}")
                 download.value.save_as(tmp / f"{kind}.jsonl")
             browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     seen["answers"] = store.answers()
     seen["pairs"] = [json.loads(x) for x in (tmp / "pairs.jsonl").read_text().splitlines()]
     seen["rankings"] = [json.loads(x) for x in (tmp / "rankings.jsonl").read_text().splitlines()]
@@ -235,3 +259,104 @@ def test_rm_train_trains_on_the_export(labelled, request, tmp_path):
     items = store.all_items()
     assert all(len(item["rm_scores"]) == 2 and item["priority"] >= 0 for item in items)
     store.close()
+
+
+def test_the_back_button_never_answers_for_you(tmp_path):
+    """Answer, press Back: the page shows the next item with nothing chosen and no comment, and
+    no answer is stored without a new choice. With JavaScript and without."""
+    sync_api, chromium = browser_parts()
+    store = Store(tmp_path / "labels.db")
+    store.add_items([{"id": f"b{k}", "prompt": f"Question {k}?", "responses": [f"yes {k}", f"no {k}"]}
+                     for k in range(8)])
+    tokens = {"js": store.add_user("js"), "nojs": store.add_user("nojs")}
+    found: dict = {}
+    with serving(create_app(store)) as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        for who, script in (("js", True), ("nojs", False)):
+            page = browser.new_context(java_script_enabled=script, viewport={"width": 1280, "height": 900}).new_page()
+            page.set_default_timeout(15000)
+            log_in(page, url, tokens[who])
+            first = page.get_attribute("input[name=item_id]", "value")
+            page.click("label.opt.a")
+            if script:
+                page.keyboard.press("c")
+                page.keyboard.type("a note about the first item")
+                page.keyboard.press("Escape")
+            else:
+                page.click("details.comment summary")
+                page.fill("#comment", "a note about the first item")
+            with page.expect_navigation():
+                page.click("#submit")
+            second = page.get_attribute("input[name=item_id]", "value")
+            page.go_back()
+            page.wait_for_selector("#answer-form")
+            page.wait_for_load_state("load")
+            found[who] = {
+                "first": first, "second": second,
+                "after_back": page.get_attribute("input[name=item_id]", "value"),
+                "checked": page.locator("input[name=choice]:checked").count(),
+                "comment": page.input_value("#comment"),
+                "highlighted": page.locator(".response.chosen").count()}
+            if script:
+                page.keyboard.press("Enter")  # nothing chosen: the script says so and sends nothing
+                page.wait_for_timeout(300)
+                found[who]["hint"] = page.inner_text("#hint")
+            else:
+                with page.expect_navigation():
+                    page.click("#submit")  # the server refuses an empty answer, and says so
+                found[who]["hint"] = " ".join(page.locator(".notice").all_inner_texts())
+            found[who]["answers"] = [a["item_id"] for a in store.answers() if a["annotator"] == who]
+        browser.close()
+    for who in ("js", "nojs"):
+        f = found[who]
+        assert f["after_back"] in (f["first"], f["second"]), f  # shown anew, never stale
+        assert f["checked"] == 0 and f["comment"] == "" and f["highlighted"] == 0, (who, f)
+        assert "Choose an answer" in f["hint"], (who, f)
+        assert f["answers"] == [f["first"]], (who, f)  # only the answer actually given
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (390, 760)], ids=["desktop", "phone"])
+def test_a_long_response_keeps_the_controls_in_view_and_hidden_characters_show(tmp_path, size):
+    sync_api, chromium = browser_parts()
+    store = Store(tmp_path / "labels.db")
+    long = ("A long answer. " * 1400)[:20_000]
+    sneaky = "Transfer to account \u202e9876\u202c now, and\u200bthen log in."
+    store.add_items([{"id": "long", "prompt": "Explain everything.", "responses": [long, sneaky]},
+                     {"id": "thumb", "kind": "thumbs", "prompt": "Is this fine?", "responses": [long]}])
+    token = store.add_user("ann")
+    width, height = size
+    with serving(create_app(store, guidelines="# Guide\n\nJudge **correctness** first.")) as url, \
+            sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.set_default_timeout(15000)
+        log_in(page, url, token)
+        page.wait_for_selector("#answer-form")
+        page.screenshot(path=str(tmp_path / f"long-{width}.png"))
+        boxes = {sel: page.locator(sel).bounding_box() for sel in ("#progress", ".choices", "#submit")}
+        marks = page.locator(".cf").all_inner_texts()
+        lengths = page.locator(".response .len").all_inner_texts()
+        scrolls = page.evaluate("Array.from(document.querySelectorAll('.response .text'))"
+                                ".map(e => [e.innerText.length > 10000, e.scrollHeight > e.clientHeight])")
+        page.keyboard.press("g")  # the guidelines open beside the item, which stays where it is
+        guide_shown = page.locator("#guidelines-panel aside").is_visible()
+        form_still_there = page.locator("#answer-form").count()
+        page.keyboard.press("g")
+        guide_hidden = not page.locator("#guidelines-panel aside").is_visible()
+        page.keyboard.press("1")
+        with page.expect_navigation():
+            page.keyboard.press("Enter")
+        page.screenshot(path=str(tmp_path / f"thumb-{width}.png"))
+        thumb_boxes = {sel: page.locator(sel).bounding_box() for sel in ("#progress", ".choices", "#submit")}
+        line = page.locator(".response .plain").first.bounding_box()
+        browser.close()
+    for where in (boxes, thumb_boxes):
+        for sel, box in where.items():
+            assert box is not None, sel
+            assert 0 <= box["x"] and box["x"] + box["width"] <= width + 1, (sel, box, size)
+            assert 0 <= box["y"] and box["y"] + box["height"] <= height + 1, (sel, box, size)
+    assert marks == ["U+202E", "U+202C", "U+200B"]
+    assert any("20,000 characters" in t for t in lengths)
+    assert sorted(scrolls) == [[False, False], [True, True]]  # the long response scrolls inside its own box
+    assert guide_shown and form_still_there == 1 and guide_hidden
+    assert line["width"] <= 80 * 16  # one response: a readable line length, not the whole screen

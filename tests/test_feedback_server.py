@@ -107,3 +107,20 @@ def test_killing_the_server_mid_run_loses_no_acknowledged_answer(server):
     assert client.post("/api/answer", json={"item_id": item["id"], "choice": "skip"}).status_code == 200
     assert client.get("/api/progress").json()["answered"] == before + 1
     assert "<strong>correctness</strong>" in client.get("/guidelines").text
+
+
+def test_one_server_per_database_and_a_port_in_use_stops_before_serving(server, tmp_path):
+    db, _, url, start = server
+    first = start()
+    port = int(url.rsplit(":", 1)[1])
+
+    def serve(db_path, port):
+        return subprocess.run([sys.executable, "-m", "heed.cli", "label", "serve", "--db", str(db_path),
+                               "--port", str(port)], capture_output=True, text=True, timeout=60)
+
+    second = serve(db, load.free_port())
+    assert second.returncode == 2 and f"is already being served (pid {first.pid})" in second.stderr
+    taken = serve(tmp_path / "other.db", port)
+    assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
+    assert "serving" not in taken.stdout  # it never claimed to serve
+    assert httpx.get(url + "/login").status_code == 200  # the first server is untouched

@@ -13,7 +13,7 @@ from heed.feedback.store import AnswerError, Store
 from heed.utils import HeedError
 
 ANSWER_KEYS = {"item_id", "annotator", "kind", "choice", "ranking", "label", "score", "comment",
-               "displayed_order", "created_at"}
+               "displayed_order", "created_at", "answered_in", "flag"}
 
 
 @pytest.fixture

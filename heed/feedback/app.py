@@ -1,32 +1,47 @@
 """The labelling web app: FastAPI, server-side Jinja templates, one small script for the keyboard.
 
-Pages (a browser, logged in by a cookie holding the login token):
+Pages (a browser, logged in by a session cookie; the login token itself is never
+put in a cookie):
     GET  /login, POST /login, POST /logout
     GET  /                 the next item to judge, with progress and the keys
     POST /answer, /undo    form posts, CSRF-checked, then redirect back to /
     GET  /guidelines       the Markdown file given at start
     GET  /media/SEQ/K      an item's image or animation
     GET  /admin            progress, agreement, reward-model agreement, export (admins)
+    GET  /admin/items, /admin/items/SEQ   every item; who answered one, what, when, how fast
     GET  /admin/export     ?kind=pairs|rankings|thumbs|ratings[&majority=1], JSONL
 The same as JSON, for scripts (`Authorization: Bearer TOKEN`; a cookie works
 too, with the CSRF token in an `X-CSRF-Token` header):
     GET /api/next, POST /api/answer, POST /api/undo, GET /api/progress, GET /api/export
 
-Safety: every page and call needs a valid token (looked up by its SHA-256 and
-compared in constant time); model output is only ever rendered through Jinja
-autoescaping, and the Content-Security-Policy allows no inline script, so a
-response holding <script> shows as text and cannot run; state-changing posts
-carry a CSRF token (HMAC of the session under a server secret) and the
-session cookie is HttpOnly and SameSite=Lax; request bodies are capped.
+Safety: every page and call needs a valid token or session (looked up by its
+SHA-256 and compared in constant time); a browser session lives in the database,
+so logging out or a new token (`--reset-token`) ends it; failed logins are logged
+and rate-limited per client; requests naming a Host that is not this server's are
+refused (DNS rebinding); model output is only ever rendered through Jinja
+autoescaping, with bidirectional and invisible characters shown as visible marks,
+and the Content-Security-Policy allows no inline script, so a response holding
+<script> shows as text and cannot run; state-changing posts carry a CSRF token
+(HMAC of the session under a server secret) and the session cookie is HttpOnly
+and SameSite=Lax; request bodies are capped; an answer must come from the page
+rendered for that showing of that item (a form restored by the browser's Back
+button is refused), and answers given implausibly fast are flagged.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
+import threading
+import time
+import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -36,18 +51,32 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from markupsafe import escape
+from markupsafe import Markup, escape
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from heed.feedback.agreement import agreement_report, reward_model_agreement
 from heed.feedback.export import EXPORT_KINDS, export_rows
-from heed.feedback.store import MAX_COMMENT, MAX_RESPONSES, MEDIA_TYPES, AnswerError, Store, User, hash_token
+from heed.feedback.store import (
+    MAX_COMMENT,
+    MAX_RESPONSES,
+    MEDIA_TYPES,
+    SESSION_SECONDS,
+    AnswerError,
+    Store,
+    User,
+    hash_token,
+)
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "heed_session"
 LOGIN_COOKIE = "heed_login"
 MAX_BODY_BYTES = 64 * 1024
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOGIN_FAILURES = 9          # failed logins allowed per client per LOGIN_WINDOW; the next is refused
+LOGIN_WINDOW = 60.0         # seconds
+FEW_SHARED = 10             # agreement over fewer shared items than this means little
+log = logging.getLogger("heed.feedback")
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; media-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 NOTICES = {
@@ -58,6 +87,7 @@ NOTICES = {
     "loggedout": "You are logged out.",
     "badtoken": "That token is not valid.",
     "expired": "The login form expired; try again.",
+    "toomany": "Too many failed logins from here: wait a minute and try again.",
 }
 
 
@@ -109,6 +139,33 @@ def segments(text: str) -> list[dict]:
     return out
 
 
+@functools.cache
+def _hidden_characters() -> re.Pattern:
+    """Every format (Cf) and control (Cc) character but tab, newline and carriage return:
+    bidirectional overrides and isolates, zero-width spaces and joiners, soft hyphens, BOMs."""
+    hidden = [chr(c) for c in range(0x110000)
+              if (cat := unicodedata.category(chr(c))) == "Cf" or (cat == "Cc" and chr(c) not in "\t\n\r")]
+    return re.compile("[" + "".join(re.escape(ch) for ch in hidden) + "]")
+
+
+def _mark(ch: str) -> str:
+    code = f"U+{ord(ch):04X}"
+    name = unicodedata.name(ch, "control character")
+    return f'<span class="cf" title="{code} {escape(name)}">{code}</span>'
+
+
+def visible(text: str) -> Markup:
+    """`text` escaped, with every invisible or direction-changing character shown as a mark
+    naming it (U+202E, U+200B, ...), so nothing written is hidden or reordered on screen."""
+    pattern = _hidden_characters()
+    out, start = [], 0
+    for m in pattern.finditer(text):
+        out += [str(escape(text[start:m.start()])), _mark(m.group())]
+        start = m.end()
+    out.append(str(escape(text[start:])))
+    return Markup("".join(out))
+
+
 def render_markdown(text: str) -> str:
     """Guidelines as HTML. Raw HTML in the Markdown is escaped, not passed through."""
     try:
@@ -123,6 +180,8 @@ def _templates() -> Jinja2Templates:
                              undefined=jinja2.StrictUndefined)
     env.globals.update(segments=segments, media_type=lambda path: MEDIA_TYPES[Path(path).suffix.lower()],
                        MAX_COMMENT=MAX_COMMENT)
+    env.filters["visible"] = visible
+    env.filters["plural"] = plural
     env.filters["pct"] = lambda x: f"{100 * x:.0f}%"
     env.filters["num"] = lambda x, nd=2: "n/a" if x is None else f"{x:.{nd}f}"
     return Jinja2Templates(env=env)
@@ -136,15 +195,32 @@ class _TooLarge(Exception):
     pass
 
 
-class Guard:
-    """Refuses request bodies over `max_body` bytes (413) and adds security headers."""
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: `[::1]:8000` -> `::1`."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
-    def __init__(self, app, max_body: int = MAX_BODY_BYTES):
+
+class Guard:
+    """Refuses requests whose Host is not one of `allowed_hosts` (400: a page reached through
+    someone else's DNS name, as in DNS rebinding) and request bodies over `max_body` bytes
+    (413), and adds security headers to every response. `allowed_hosts=None` allows any."""
+
+    def __init__(self, app, max_body: int = MAX_BODY_BYTES, allowed_hosts: Sequence[str] | None = LOCAL_HOSTS):
         self.app, self.max_body = app, max_body
+        self.allowed = None if allowed_hosts is None else {host_name(h) for h in allowed_hosts}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.allowed is not None:
+            host = host_name(dict(scope["headers"]).get(b"host", b"").decode("latin-1"))
+            if host not in self.allowed:
+                log.warning("refused a request for Host %r from %s", host, (scope.get("client") or ["?"])[0])
+                return await self._answer(send, 400, f"unknown Host {host!r}: this server answers to "
+                                          + ", ".join(sorted(self.allowed)) + " (see --allowed-hosts)")
         started = False
         static = scope["path"].startswith("/static/")
 
@@ -162,7 +238,7 @@ class Guard:
 
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await self._refuse(send_with_headers)
+            return await self._answer(send_with_headers, 413, f"request body over {self.max_body} bytes")
         received = 0
 
         async def limited_receive():
@@ -178,13 +254,81 @@ class Guard:
             await self.app(scope, limited_receive, send_with_headers)
         except _TooLarge:
             if not started:
-                await self._refuse(send_with_headers)
+                await self._answer(send_with_headers, 413, f"request body over {self.max_body} bytes")
 
-    async def _refuse(self, send):
-        body = json.dumps({"error": f"request body over {self.max_body} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
+    @staticmethod
+    async def _answer(send, status: int, message: str):
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+class LoginLimiter:
+    """Failed logins per client: after `limit` failures within `window` seconds, further
+    attempts from that client are refused until the oldest failure is older than `window`."""
+
+    def __init__(self, limit: int = LOGIN_FAILURES, window: float = LOGIN_WINDOW):
+        self.limit, self.window = limit, window
+        self._failures: dict[str, collections.deque] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> collections.deque:
+        failures = self._failures.setdefault(client, collections.deque())
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        return failures
+
+    def blocked(self, client: str) -> bool:
+        with self._lock:
+            blocked = len(self._recent(client, time.time())) >= self.limit
+        if blocked:
+            log.warning("refused a login attempt from %s: %d failed logins within %.0f s",
+                        client, self.limit, self.window)
+        return blocked
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            now = time.time()
+            self._recent(client, now).append(now)
+            if len(self._failures) > 10_000:  # forget clients that have gone quiet
+                for name in [c for c, f in self._failures.items() if not f or f[-1] <= now - self.window]:
+                    del self._failures[name]
+        log.warning("failed login from %s", client)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def describe_answer(answer: dict) -> str:
+    """A stored answer in words, responses numbered as the item lists them (1, 2, ...)."""
+    if answer["choice"] == "skip":
+        return "skipped"
+    if answer["kind"] == "pair":
+        choice = answer["choice"]
+        return {"tie": "tie", "both_bad": "both bad"}.get(choice) or f"response {int(choice) + 1} is better"
+    if answer["kind"] == "ranking":
+        return " > ".join(str(k + 1) for k in answer["ranking"])
+    if answer["kind"] == "thumbs":
+        return "thumbs " + answer["label"]
+    return f"{answer['score']} of 7"
+
+
+def rank_problem(ranks: dict[int, int], n: int) -> str | None:
+    """What is wrong with ranks given by position (None when they are 1..n, each once)."""
+    letters = "ABCDEFGHI"
+    missing = [letters[p] for p in range(n) if p not in ranks]
+    if missing:
+        return f"Give every response a rank: {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} none."
+    by_rank: dict[int, list[str]] = {}
+    for pos, rank in sorted(ranks.items()):
+        by_rank.setdefault(rank, []).append(letters[pos])
+    twice = [f"rank {r} is given to {' and '.join(who)}" for r, who in sorted(by_rank.items()) if len(who) > 1]
+    if twice:
+        return "Each rank once: " + "; ".join(twice) + "."
+    bad = [r for r in by_rank if not 1 <= r <= n]
+    return f"Ranks go from 1 to {n}." if bad else None
 
 
 # ---------------------------------------------------------------------------
@@ -192,42 +336,54 @@ class Guard:
 # ---------------------------------------------------------------------------
 
 def create_app(store: Store, *, guidelines: str | None = None, reward_model_name: str | None = None,
-               scorer=None, secure_cookies: bool = False, max_body: int = MAX_BODY_BYTES) -> FastAPI:
+               scorer=None, secure_cookies: bool = False, max_body: int = MAX_BODY_BYTES,
+               allowed_hosts: Sequence[str] | None = LOCAL_HOSTS) -> FastAPI:
     """The app over `store`. `guidelines` is Markdown text; `reward_model_name` says a reward
-    model scored the queue (its scores are in the store); `scorer` is its background thread."""
+    model scored the queue (its scores are in the store); `scorer` is its background thread;
+    `allowed_hosts` the names this server answers to (None: any; keep a list in production)."""
     templates = _templates()
+    _hidden_characters()  # built once, now, rather than on the first page shown
     secret = store.secret()
     guidelines_html = render_markdown(guidelines) if guidelines else None
+    limiter = LoginLimiter()
     app = FastAPI(title="heed labelling", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    app.add_middleware(Guard, max_body=max_body)
+    app.add_middleware(Guard, max_body=max_body, allowed_hosts=allowed_hosts)
 
     # -- auth ----------------------------------------------------------------
+    # A browser holds a session id (cookie); a script sends its login token (bearer). The
+    # CSRF token is an HMAC of whichever credential the request carries.
 
-    def csrf_for(token: str) -> str:
-        return hmac.new(secret, b"csrf:" + hash_token(token).encode(), hashlib.sha256).hexdigest()
+    def csrf_for(credential: str) -> str:
+        return hmac.new(secret, b"csrf:" + hash_token(credential).encode(), hashlib.sha256).hexdigest()
 
-    def request_token(request: Request) -> tuple[str | None, bool]:
-        """(token, came_from_cookie)."""
-        auth = request.headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            return auth[7:].strip(), False
-        return request.cookies.get(SESSION_COOKIE), True
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
 
     def user_for(request: Request, *, admin: bool = False) -> tuple[User, str]:
-        token, _ = request_token(request)
-        user = store.authenticate(token)
+        """(user, credential) from the bearer token or the session cookie."""
+        auth = request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            credential = auth[7:].strip()
+            if limiter.blocked(client_of(request)):
+                raise Refused(429, NOTICES["toomany"])
+            user = store.authenticate(credential)
+            if user is None:
+                limiter.failed(client_of(request))
+        else:
+            credential = request.cookies.get(SESSION_COOKIE) or ""
+            user = store.session_user(credential)
         if user is None:
             raise NeedLogin()
         if admin and not user.is_admin:
             raise Refused(403, "admins only")
-        return user, token
+        return user, credential
 
-    def check_csrf(request: Request, token: str, given: str | None) -> None:
+    def check_csrf(request: Request, credential: str, given: str | None) -> None:
         """Only a cookie is sent by the browser on its own; a bearer token is proof enough."""
-        _, from_cookie = request_token(request)
+        from_cookie = request.headers.get("authorization", "")[:7].lower() != "bearer "
         if from_cookie and not (isinstance(given, str)
-                                and hmac.compare_digest(given.encode(), csrf_for(token).encode())):
+                                and hmac.compare_digest(given.encode(), csrf_for(credential).encode())):
             raise Refused(403, "missing or invalid CSRF token; reload the page and try again")
 
     @app.exception_handler(NeedLogin)
@@ -249,16 +405,20 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
 
     # -- login ---------------------------------------------------------------
 
-    @app.get("/login")
-    def login_page(request: Request, notice: str = ""):
-        if store.authenticate(request.cookies.get(SESSION_COOKIE)) is not None:
-            return RedirectResponse("/", status_code=303)
+    def login_form(request: Request, notice: str, status: int = 200):
         nonce = secrets.token_urlsafe(16)
         response = templates.TemplateResponse(request, "login.html",
-                                              {"user": None, "nonce": nonce, "notice": NOTICES.get(notice)})
+                                              {"user": None, "nonce": nonce, "notice": NOTICES.get(notice)},
+                                              status_code=status)
         response.set_cookie(LOGIN_COOKIE, nonce, max_age=3600, httponly=True, samesite="strict",
                             secure=secure_cookies)
         return response
+
+    @app.get("/login")
+    def login_page(request: Request, notice: str = ""):
+        if store.session_user(request.cookies.get(SESSION_COOKIE)) is not None:
+            return RedirectResponse("/", status_code=303)
+        return login_form(request, notice)
 
     @app.post("/login")
     async def login(request: Request):
@@ -266,13 +426,18 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
         nonce, given = request.cookies.get(LOGIN_COOKIE), form.get("nonce")
         if not (nonce and isinstance(given, str) and hmac.compare_digest(nonce.encode(), given.encode())):
             return RedirectResponse("/login?notice=expired", status_code=303)
+        client = client_of(request)
+        if limiter.blocked(client):
+            return login_form(request, "toomany", status=429)
         token = form.get("token")
         token = token.strip() if isinstance(token, str) else None
         user = await run_in_threadpool(store.authenticate, token)
         if user is None:
+            limiter.failed(client)
             return RedirectResponse("/login?notice=badtoken", status_code=303)
+        session_id = await run_in_threadpool(store.start_session, user.name)
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(SESSION_COOKIE, token, max_age=30 * 24 * 3600, httponly=True, samesite="lax",
+        response.set_cookie(SESSION_COOKIE, session_id, max_age=SESSION_SECONDS, httponly=True, samesite="lax",
                             secure=secure_cookies)
         response.delete_cookie(LOGIN_COOKIE)
         return response
@@ -280,8 +445,10 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
     @app.post("/logout")
     async def logout(request: Request):
         form = await request.form()
-        _, token = await run_in_threadpool(user_for, request)
-        check_csrf(request, token, form.get("csrf"))
+        _, credential = await run_in_threadpool(user_for, request)
+        check_csrf(request, credential, form.get("csrf"))
+        if request.cookies.get(SESSION_COOKIE) == credential:
+            await run_in_threadpool(store.end_session, credential)  # the cookie is worthless from now on
         response = RedirectResponse("/login?notice=loggedout", status_code=303)
         response.delete_cookie(SESSION_COOKIE)
         return response
@@ -294,26 +461,34 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
         for pos, k in enumerate(order):
             r = item["responses"][k]
             if isinstance(r, str):
-                out.append({"text": r})
+                out.append({"text": r, "chars": len(r), "words": len(r.split())})
             else:
                 out.append({"media": f"/media/{item['seq']}/{k}",
                             "type": MEDIA_TYPES[Path(r["media"]).suffix.lower()]})
         return out
 
+    def label_page_for(request: Request, user: User, credential: str, *, notice: str | None = None,
+                       given: dict | None = None, status: int = 200):
+        shown = store.show_item(user.name)
+        ctx = {"user": user, "csrf": csrf_for(credential), "progress": store.progress(user.name),
+               "notice": notice, "guidelines": guidelines_html, "has_guidelines": guidelines_html is not None}
+        if shown is None:
+            return templates.TemplateResponse(request, "done.html", ctx, status_code=status)
+        item, order, showing = shown
+        if given is not None and given.get("item_id") != item["id"]:
+            given = None  # the values were for another item: never carry them over
+        kept = {"choice": None, "label": None, "score": None, "comment": "", "ranks": {}, **(given or {})}
+        ctx.update(item=item, shown=shown_responses(item, order), showing=showing, given=kept)
+        return templates.TemplateResponse(request, "label.html", ctx, status_code=status)
+
     @app.get("/")
     def label_page(request: Request, notice: str = ""):
-        user, token = user_for(request)
-        nxt = store.next_item(user.name)
-        ctx = {"user": user, "csrf": csrf_for(token), "progress": store.progress(user.name),
-               "notice": NOTICES.get(notice), "has_guidelines": guidelines_html is not None}
-        if nxt is None:
-            return templates.TemplateResponse(request, "done.html", ctx)
-        item, order = nxt
-        ctx.update(item=item, shown=shown_responses(item, order))
-        return templates.TemplateResponse(request, "label.html", ctx)
+        user, credential = user_for(request)
+        return label_page_for(request, user, credential, notice=NOTICES.get(notice))
 
-    def form_answer(form) -> dict:
-        """Browser form fields -> the displayed-position answer `Store.submit` takes."""
+    def form_answer(form) -> tuple[dict, str | None]:
+        """Browser form fields -> (the displayed-position answer `Store.submit` takes, what is
+        wrong with the ranks if anything)."""
         answer: dict[str, Any] = {"choice": form.get("choice"), "label": form.get("label"),
                                   "comment": form.get("comment")}
         score = form.get("score")
@@ -324,39 +499,55 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
             value = form.get(f"rank_{pos}")
             if isinstance(value, str) and value.isdigit():
                 ranks[pos] = int(value)
+        problem = None
         if ranks:
+            n = form.get("n")  # how many were shown: only for the message, map_answer checks the rest
+            n_shown = int(n) if isinstance(n, str) and n.isdigit() else len(ranks)
+            problem = rank_problem(ranks, n_shown)
             # rank values must be 1..K, each once; otherwise map_answer refuses it
-            answer["ranking"] = ([pos for pos, _ in sorted(ranks.items(), key=lambda kv: kv[1])]
-                                 if sorted(ranks.values()) == list(range(1, len(ranks) + 1)) else None)
-        return answer
+            answer["ranking"] = (None if problem else
+                                 [pos for pos, _ in sorted(ranks.items(), key=lambda kv: kv[1])])
+        return answer, problem
 
     @app.post("/answer")
     async def answer(request: Request):
         form = await request.form()
-        user, token = await run_in_threadpool(user_for, request)
-        check_csrf(request, token, form.get("csrf"))
+        user, credential = await run_in_threadpool(user_for, request)
+        check_csrf(request, credential, form.get("csrf"))
         item_id = form.get("item_id")
         if not isinstance(item_id, str) or not item_id:
             raise Refused(400, "missing item_id")
+        showing = form.get("showing")
+        if not isinstance(showing, str) or not showing:
+            return RedirectResponse("/?notice=stale", status_code=303)  # a form from an older page
+        given, problem = form_answer(form)
         try:
-            await run_in_threadpool(store.submit, user.name, item_id, form_answer(form))
+            await run_in_threadpool(store.submit, user.name, item_id, given, showing=showing)
         except AnswerError as e:
-            return RedirectResponse("/?notice=" + ("stale" if e.status == 409 else "incomplete"), status_code=303)
+            if e.status == 409:
+                return RedirectResponse("/?notice=stale", status_code=303)
+            # Shown again with what they chose kept and what is wrong said (no script needed).
+            kept = {"item_id": item_id, "choice": form.get("choice"), "label": form.get("label"),
+                    "score": form.get("score"), "comment": form.get("comment") or "",
+                    "ranks": {pos: form.get(f"rank_{pos}") for pos in range(MAX_RESPONSES)}}
+            notice = problem or ("Choose an answer before submitting." if "expected" in e.message else e.message)
+            return await run_in_threadpool(label_page_for, request, user, credential, notice=notice,
+                                           given=kept, status=422)
         return RedirectResponse("/", status_code=303)
 
     @app.post("/undo")
     async def undo(request: Request):
         form = await request.form()
-        user, token = await run_in_threadpool(user_for, request)
-        check_csrf(request, token, form.get("csrf"))
+        user, credential = await run_in_threadpool(user_for, request)
+        check_csrf(request, credential, form.get("csrf"))
         undone = await run_in_threadpool(store.undo, user.name)
         return RedirectResponse("/?notice=" + ("undone" if undone else "nothing"), status_code=303)
 
     @app.get("/guidelines")
     def guidelines_page(request: Request):
-        user, token = user_for(request)
+        user, credential = user_for(request)
         return templates.TemplateResponse(request, "guidelines.html",
-                                          {"user": user, "csrf": csrf_for(token), "guidelines": guidelines_html,
+                                          {"user": user, "csrf": csrf_for(credential), "guidelines": guidelines_html,
                                            "has_guidelines": guidelines_html is not None})
 
     @app.get("/media/{seq}/{k}")
@@ -375,19 +566,48 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
 
     @app.get("/admin")
     def admin_page(request: Request):
-        user, token = user_for(request, admin=True)
+        user, credential = user_for(request, admin=True)
         items = {item["id"]: item for item in store.all_items()}
         answers = store.answers()
         rm = reward_model_agreement(answers, items) if reward_model_name else None
         comments = [a for a in answers if a["comment"]][-20:][::-1]
-        ctx = {"user": user, "csrf": csrf_for(token), "overview": store.overview(),
+        fast = collections.Counter(a["annotator"] for a in answers if a["flag"] == "fast")
+        overlaps = "; ".join(f"{plural(count, 'item')} need{'s' if count == 1 else ''} {plural(overlap, 'answer')}"
+                             for overlap, count in sorted(collections.Counter(
+                                 item["overlap"] for item in items.values()).items()))
+        ctx = {"user": user, "csrf": csrf_for(credential), "overview": store.overview(), "fast": fast,
+               "fast_seconds": store.fast_seconds, "overlaps": overlaps,
                "agreement": {kind: r for kind, r in agreement_report(answers).items() if r["units"]},
-               "rm": rm, "rm_name": reward_model_name,
+               "few": FEW_SHARED, "rm": rm, "rm_name": reward_model_name,
                "scorer_error": getattr(scorer, "error", None), "comments": comments,
                "kinds": list(EXPORT_KINDS), "has_guidelines": guidelines_html is not None,
                "counts": {kind: sum(a["kind"] == k and a["choice"] != "skip" for a in answers)
                           for kind, k in EXPORT_KINDS.items()}}
         return templates.TemplateResponse(request, "admin.html", ctx)
+
+    @app.get("/admin/items")
+    def admin_items(request: Request, page: int = 1):
+        user, credential = user_for(request, admin=True)
+        per_page = 100
+        everything = store.all_items()
+        pages = max(1, -(-len(everything) // per_page))
+        page = min(max(page, 1), pages)
+        answered = collections.Counter(a["item_id"] for a in store.answers())
+        ctx = {"user": user, "csrf": csrf_for(credential), "has_guidelines": guidelines_html is not None,
+               "items": everything[(page - 1) * per_page:page * per_page], "answered": answered,
+               "page": page, "pages": pages}
+        return templates.TemplateResponse(request, "admin_items.html", ctx)
+
+    @app.get("/admin/items/{seq}")
+    def admin_item(request: Request, seq: int):
+        user, credential = user_for(request, admin=True)
+        item = store.get_item(seq=seq)
+        if item is None:
+            raise Refused(404, "no such item")
+        ctx = {"user": user, "csrf": csrf_for(credential), "has_guidelines": guidelines_html is not None,
+               "item": item, "answers": store.answers([item["id"]]), "fast_seconds": store.fast_seconds,
+               "describe": describe_answer}
+        return templates.TemplateResponse(request, "admin_item.html", ctx)
 
     def export_response(kind: str, majority: bool) -> Response:
         if kind not in EXPORT_KINDS:
@@ -409,12 +629,12 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
     @app.get("/api/next")
     def api_next(request: Request):
         user, _ = user_for(request)
-        nxt = store.next_item(user.name)
-        if nxt is None:
+        shown = store.show_item(user.name)
+        if shown is None:
             return JSONResponse({"item": None})
-        item, order = nxt
+        item, order, showing = shown
         return JSONResponse({"item": {"id": item["id"], "kind": item["kind"], "prompt": item["prompt"],
-                                      "responses": shown_responses(item, order)}})
+                                      "responses": shown_responses(item, order), "showing": showing}})
 
     async def json_body(request: Request) -> dict:
         try:
@@ -427,22 +647,24 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
 
     @app.post("/api/answer")
     async def api_answer(request: Request):
-        user, token = await run_in_threadpool(user_for, request)
-        check_csrf(request, token, request.headers.get("x-csrf-token"))
+        user, credential = await run_in_threadpool(user_for, request)
+        check_csrf(request, credential, request.headers.get("x-csrf-token"))
         body = await json_body(request)
-        item_id = body.get("item_id")
+        item_id, showing = body.get("item_id"), body.get("showing")
         if not isinstance(item_id, str) or not item_id:
             raise Refused(400, "item_id: expected a string")
+        if showing is not None and not isinstance(showing, str):
+            raise Refused(400, "showing: expected the string /api/next gave")
         try:
-            stored = await run_in_threadpool(store.submit, user.name, item_id, body)
+            stored = await run_in_threadpool(store.submit, user.name, item_id, body, showing=showing)
         except AnswerError as e:
             raise Refused(e.status, e.message) from None
         return JSONResponse({"ok": True, "answer": stored})
 
     @app.post("/api/undo")
     async def api_undo(request: Request):
-        user, token = await run_in_threadpool(user_for, request)
-        check_csrf(request, token, request.headers.get("x-csrf-token"))
+        user, credential = await run_in_threadpool(user_for, request)
+        check_csrf(request, credential, request.headers.get("x-csrf-token"))
         return JSONResponse({"undone": await run_in_threadpool(store.undo, user.name)})
 
     @app.get("/api/progress")

@@ -62,20 +62,26 @@ class ServeConfig:
     claim_minutes: float = option(15.0, "minutes an item shown to someone stays reserved for them")
     max_body_kb: int = option(64, "largest request body accepted, in KiB")
     secure_cookies: bool = option(False, "mark cookies Secure (set this when serving through HTTPS)")
+    allowed_hosts: list[str] = option([], "host names people reach this server by (the Host header), besides "
+                                          "localhost, the --host address and this machine's names; others "
+                                          "are refused (DNS rebinding)")
+    fast_seconds: float = option(1.0, "flag answers given sooner than this after their item was shown")
 
 
 def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
-    from heed.feedback.app import create_app
+    from heed.feedback.app import LOCAL_HOSTS, create_app
     from heed.feedback.store import Store
 
     _check_overlap(cfg.overlap)
     if not 0 < cfg.port < 65536:
         raise HeedError(f"--port must be from 1 to 65535, got {cfg.port}")
-    if cfg.claim_minutes <= 0 or cfg.max_body_kb <= 0:
-        raise HeedError("--claim-minutes and --max-body-kb must be positive")
-    store = Store(cfg.db, claim_seconds=cfg.claim_minutes * 60)
+    if cfg.claim_minutes <= 0 or cfg.max_body_kb <= 0 or cfg.fast_seconds < 0:
+        raise HeedError("--claim-minutes and --max-body-kb must be positive, --fast-seconds not negative")
+    store = Store(cfg.db, claim_seconds=cfg.claim_minutes * 60, fast_seconds=cfg.fast_seconds)
+    store.lock_for_serving()  # one server per database: a second one stops here, naming the first
+    sock = _bind(cfg.host, cfg.port)  # before saying "serving": a port in use is an error, not a surprise
     if cfg.queue:
         n, added = _add_queue(store, cfg.queue, cfg.overlap, cfg.skip_invalid)
         print(f"{cfg.queue}: {n} items, {added} new")
@@ -88,16 +94,52 @@ def serve(cfg: ServeConfig) -> None:
     scorer = None
     if cfg.reward_model:
         scorer = _start_active_selection(store, cfg.reward_model)
+    hosts = _allowed_hosts(cfg.host, cfg.allowed_hosts, LOCAL_HOSTS)
     app = create_app(store, guidelines=guidelines, reward_model_name=cfg.reward_model, scorer=scorer,
-                     secure_cookies=cfg.secure_cookies, max_body=cfg.max_body_kb * 1024)
+                     secure_cookies=cfg.secure_cookies, max_body=cfg.max_body_kb * 1024, allowed_hosts=hosts)
     overview = store.overview()
+    shown_host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     print(f"heed label: {overview['total']} items ({overview['complete']} complete), "
-          f"{len(overview['annotators'])} annotators; serving http://{cfg.host}:{cfg.port}/login")
+          f"{len(overview['annotators'])} annotators; serving http://{shown_host}:{cfg.port}/login", flush=True)
     if not overview["annotators"]:
         print(f"no annotators yet: heed label user add --db {cfg.db} --name NAME [--admin]")
     if not _is_loopback(cfg.host):
-        print("warning: listening beyond this machine; put HTTPS in front and pass --secure-cookies", file=sys.stderr)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+        print("warning: listening beyond this machine; put HTTPS in front and pass --secure-cookies, and name "
+              f"the host people use with --allowed-hosts (now: {', '.join(hosts)})", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server.run(sockets=[sock])
+
+
+def _bind(host: str, port: int):
+    """A listening socket on (host, port), or a HeedError saying why not."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        raise HeedError(f"cannot listen on {host}:{port}: {e.strerror or e}"
+                        + (" (another server is using that port: choose another with --port)"
+                           if e.errno == 98 else "")) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _allowed_hosts(host: str, extra: list[str], local: tuple[str, ...]) -> list[str]:
+    """The names a request's Host header may carry: loopback names, the address listened on
+    (unless a wildcard), this machine's names when listening beyond loopback, and `extra`."""
+    import socket
+
+    names = list(local)
+    if host not in ("0.0.0.0", "::", ""):
+        names.append(host)
+    if not _is_loopback(host):
+        names += [socket.gethostname(), socket.getfqdn()]
+    names += extra
+    return list(dict.fromkeys(n.lower() for n in names if n))
 
 
 def _is_loopback(host: str) -> bool:

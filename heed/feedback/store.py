@@ -16,6 +16,9 @@ Tables:
     answers     one row per answer, unique per (item, annotator): the database itself
                 guarantees an annotator never answers an item twice and a retried
                 request is never counted twice
+    sessions    browser logins: the SHA-256 of a random session id per login, revoked by
+                logout and by a new token (`--reset-token`); the login token itself
+                never goes into a cookie
     settings    the server's CSRF secret, so forms stay valid across restarts
 
 Every write is its own transaction (SQLite: `BEGIN IMMEDIATE`, so two writers
@@ -28,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import random
 import re
 import secrets
@@ -57,6 +61,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     update,
 )
@@ -72,6 +77,8 @@ MAX_RESPONSES = 9          # a ranking is entered with the digit keys 1-9
 MAX_TEXT = 100_000         # characters in a prompt or response
 MAX_COMMENT = 2000
 CLAIM_SECONDS = 15 * 60    # an item shown to someone is held for them this long
+SESSION_SECONDS = 7 * 24 * 3600  # a browser login lasts this long (logout ends it sooner)
+FAST_SECONDS = 1.0         # an answer given sooner than this after its page was shown is flagged
 NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
 metadata = MetaData()
@@ -106,6 +113,11 @@ claims = Table(
     Column("displayed_order", Text, nullable=False),  # JSON: original index shown at each position
     Column("shown_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
+    # Each time the item's page is rendered it gets a new `showing` id, which its form
+    # sends back: an answer from a page rendered for another item or an earlier showing
+    # is refused, and the time since `rendered_at` tells an implausibly fast answer.
+    Column("showing", String(32), nullable=True),
+    Column("rendered_at", Float, nullable=True),
 )
 answers = Table(
     "answers", metadata,
@@ -121,8 +133,19 @@ answers = Table(
     Column("displayed_order", Text, nullable=False),
     Column("shown_at", Float, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("answered_in", Float, nullable=True),     # seconds from the page being shown to the answer
+    Column("flag", String(16), nullable=True),       # "fast": answered in under `fast_seconds`
     UniqueConstraint("item_id", "annotator", name="uq_answer_item_annotator"),
 )
+sessions = Table(
+    "sessions", metadata,
+    Column("id_hash", String(64), primary_key=True),
+    Column("annotator", String(64), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+# Columns added since the first release: an older database gets them on open.
+_ADDED_COLUMNS = {"claims": ("showing", "rendered_at"), "answers": ("answered_in", "flag")}
 settings = Table(
     "settings", metadata,
     Column("key", String(64), primary_key=True),
@@ -137,10 +160,14 @@ _CLAIM = select(claims).where(claims.c.annotator == P("who"))
 _ITEM = select(items).where(items.c.id == P("iid"))
 _ITEM_KIND = select(items.c.kind).where(items.c.id == P("iid"))
 _EXTEND_CLAIM = update(claims).where(claims.c.annotator == P("who")).values(expires_at=P("expires"))
+_RENDER_CLAIM = (update(claims).where(claims.c.annotator == P("who"))
+                 .values(expires_at=P("expires"), showing=P("showing"), rendered_at=P("now")))
 _DROP_CLAIM = delete(claims).where(claims.c.annotator == P("who"))
 _ANSWERED = select(answers.c.id).where(answers.c.item_id == P("iid"), answers.c.annotator == P("who"))
 _COUNT_DONE = update(items).where(items.c.id == P("iid")).values(done=items.c.done + P("delta"))
 _USER = select(annotators).where(annotators.c.token_hash == P("digest"))
+_SESSION_USER = (select(annotators).join(sessions, sessions.c.annotator == annotators.c.name)
+                 .where(sessions.c.id_hash == P("digest"), sessions.c.expires_at > P("now")))
 _NEXT = (select(items)
          .where(items.c.done < items.c.overlap,
                 ~select(answers.c.id).where(answers.c.item_id == items.c.id, answers.c.annotator == P("who")).exists(),
@@ -322,17 +349,69 @@ def _make_engine(url_or_path: str | Path):
 class Store:
     """Items, annotators, claims and answers in one database (see the module docstring)."""
 
-    def __init__(self, url_or_path: str | Path, *, claim_seconds: float = CLAIM_SECONDS):
+    def __init__(self, url_or_path: str | Path, *, claim_seconds: float = CLAIM_SECONDS,
+                 fast_seconds: float = FAST_SECONDS):
+        self.url = str(url_or_path)
         self.engine, self.is_sqlite = _make_engine(url_or_path)
-        self.claim_seconds = claim_seconds
+        self.claim_seconds, self.fast_seconds = claim_seconds, fast_seconds
         # One writer at a time inside this process: threads queue here instead of
         # spinning in SQLite's busy handler. Other processes still wait on the file lock.
         self._lock = threading.Lock()
         self._rng = random.SystemRandom()
         metadata.create_all(self.engine)
+        self._add_missing_columns()
+        self._serve_lock: Any = None
+
+    def _add_missing_columns(self) -> None:
+        have = inspect(self.engine)
+        for table_name, names in _ADDED_COLUMNS.items():
+            present = {c["name"] for c in have.get_columns(table_name)}
+            table = metadata.tables[table_name]
+            for name in names:
+                if name not in present:
+                    column = table.c[name]
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    with self._write() as conn:
+                        conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
+        if self._serve_lock is not None:
+            self._serve_lock.close()
+            self._serve_lock = None
         self.engine.dispose()
+
+    def lock_for_serving(self) -> None:
+        """Make this process the one server of this database, or raise HeedError naming the
+        other. SQLite: an exclusive lock on `DB.serve-lock` beside the file; PostgreSQL: a
+        session advisory lock. Either is released when the process ends, however it ends."""
+        if self._serve_lock is not None:
+            return
+        if self.is_sqlite:
+            import fcntl
+
+            path = Path(self.engine.url.database).with_name(Path(self.engine.url.database).name + ".serve-lock")
+            handle = open(path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                other = handle.read().strip() or "another process"
+                handle.close()
+                raise HeedError(f"{self.url} is already being served ({other}); one server per database") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}")
+            handle.flush()
+            self._serve_lock = handle
+        elif self.engine.dialect.name == "postgresql":
+            conn = self.engine.connect()
+            got = conn.exec_driver_sql("SELECT pg_try_advisory_lock(7236371)").scalar()
+            conn.commit()
+            if not got:
+                conn.close()
+                raise HeedError(f"{self.url} is already being served by another heed label serve; "
+                                "one server per database")
+            self._serve_lock = conn
 
     @contextmanager
     def _write(self, durable: bool = True) -> Iterator[Any]:
@@ -432,6 +511,7 @@ class Store:
             if exists:
                 conn.execute(update(annotators).where(annotators.c.name == name)
                              .values(token_hash=hash_token(token), role=role))
+                conn.execute(delete(sessions).where(sessions.c.annotator == name))  # logged out everywhere
             else:
                 conn.execute(insert(annotators).values(name=name, token_hash=hash_token(token), role=role,
                                                        created_at=time.time()))
@@ -447,6 +527,28 @@ class Store:
         if row is None or not hmac.compare_digest(row.token_hash, digest):
             return None
         return User(row.name, row.role)
+
+    def start_session(self, name: str, *, seconds: float = SESSION_SECONDS) -> str:
+        """A new browser session for a logged-in annotator; returns its id (for the cookie).
+        Only its hash is stored. Expired sessions are cleared out on the way."""
+        session_id = secrets.token_urlsafe(32)
+        now = time.time()
+        with self._write(durable=False) as conn:
+            conn.execute(delete(sessions).where(sessions.c.expires_at <= now))
+            conn.execute(insert(sessions).values(id_hash=hash_token(session_id), annotator=name,
+                                                 created_at=now, expires_at=now + seconds))
+        return session_id
+
+    def session_user(self, session_id: str | None) -> User | None:
+        if not session_id or len(session_id) > 200:
+            return None
+        with self._read() as conn:
+            row = conn.execute(_SESSION_USER, {"digest": hash_token(session_id), "now": time.time()}).first()
+        return None if row is None else User(row.name, row.role)
+
+    def end_session(self, session_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(delete(sessions).where(sessions.c.id_hash == hash_token(session_id)))
 
     def users(self) -> list[User]:
         with self._read() as conn:
@@ -473,15 +575,26 @@ class Store:
         (highest priority, then queue order) that they have not answered and that others
         are not already filling.
         """
+        shown = self._claim_next(annotator, render=False)
+        return None if shown is None else shown[:2]
+
+    def show_item(self, annotator: str) -> tuple[dict, list[int], str] | None:
+        """`next_item` for a page about to be rendered: also starts a new showing of it, whose
+        id the page's form sends back with the answer (see `submit`)."""
+        return self._claim_next(annotator, render=True)
+
+    def _claim_next(self, annotator: str, *, render: bool):
         now = time.time()
         who = {"who": annotator}
+        showing = secrets.token_hex(8) if render else None
         with self._write(durable=False) as conn:
             claim = conn.execute(_CLAIM, who).first()
             if claim is not None and claim.expires_at > now:
                 row = conn.execute(_ITEM, {"iid": claim.item_id}).first()
                 if row is not None:
-                    conn.execute(_EXTEND_CLAIM, {**who, "expires": now + self.claim_seconds})
-                    return _item_dict(row), json.loads(claim.displayed_order)
+                    params = {**who, "expires": now + self.claim_seconds, "showing": showing, "now": now}
+                    conn.execute(_RENDER_CLAIM if render else _EXTEND_CLAIM, params)
+                    return _item_dict(row), json.loads(claim.displayed_order), showing or claim.showing
             if claim is not None:
                 conn.execute(_DROP_CLAIM, who)
             row = conn.execute(_NEXT, {**who, "now": now}).first()
@@ -492,14 +605,17 @@ class Store:
             self._rng.shuffle(order)  # sides randomised per item and per annotator
             conn.execute(insert(claims), {"annotator": annotator, "item_id": item["id"],
                                           "displayed_order": json.dumps(order), "shown_at": now,
-                                          "expires_at": now + self.claim_seconds})
-            return item, order
+                                          "expires_at": now + self.claim_seconds,
+                                          "showing": showing, "rendered_at": now if render else None})
+            return item, order, showing
 
-    def submit(self, annotator: str, item_id: str, form: dict) -> dict:
+    def submit(self, annotator: str, item_id: str, form: dict, *, showing: str | None = None) -> dict:
         """Record an answer to the item the annotator was shown, in its own transaction.
 
-        `form` is in displayed positions (see `map_answer`). Raises AnswerError: 409 when the
-        item was already answered by them or is not the one they were shown.
+        `form` is in displayed positions (see `map_answer`). `showing`, when given, is the id
+        `show_item` gave the page the answer comes from. Raises AnswerError: 409 when the item
+        was already answered by them, is not the one they were shown, or was shown again since.
+        An answer given under `fast_seconds` after its page was shown is stored flagged "fast".
         """
         now = time.time()
         who = {"who": annotator}
@@ -509,14 +625,19 @@ class Store:
                 if conn.execute(_ANSWERED, {**who, "iid": item_id}).first() is not None:
                     raise AnswerError("you have already answered this item", 409)
                 raise AnswerError("this item is not the one you were shown; reload to get the current one", 409)
+            if showing is not None and not (claim.showing and hmac.compare_digest(claim.showing, showing)):
+                raise AnswerError("this page is out of date (the item was shown again since); "
+                                  "answer it on the current page", 409)
             kind = conn.execute(_ITEM_KIND, {"iid": item_id}).scalar_one()
             order = json.loads(claim.displayed_order)
             answer = map_answer(kind, order, form)
+            answered_in = now - (claim.rendered_at if claim.rendered_at is not None else claim.shown_at)
+            flag = "fast" if answer["choice"] != "skip" and answered_in < self.fast_seconds else None
             values = dict(item_id=item_id, annotator=annotator, kind=kind,
                           ranking=None if answer["ranking"] is None else json.dumps(answer["ranking"]),
                           choice=answer["choice"], label=answer["label"], score=answer["score"],
                           comment=answer["comment"], displayed_order=claim.displayed_order,
-                          shown_at=claim.shown_at, created_at=now)
+                          shown_at=claim.shown_at, created_at=now, answered_in=answered_in, flag=flag)
             try:
                 result = conn.execute(insert(answers), values)
             except IntegrityError:  # defence in depth: the unique constraint is the real guard
@@ -526,7 +647,8 @@ class Store:
             conn.execute(_DROP_CLAIM, who)
             answer_id = result.inserted_primary_key[0]
         return {"id": answer_id, "item_id": item_id, "annotator": annotator, "kind": kind,
-                **answer, "displayed_order": order, "created_at": iso(now)}
+                **answer, "displayed_order": order, "created_at": iso(now),
+                "answered_in": round(answered_in, 3), "flag": flag}
 
     def undo(self, annotator: str) -> str | None:
         """Withdraw the annotator's latest answer and show them that item again, same sides.
@@ -565,7 +687,8 @@ class Store:
             out.append({"item_id": r.item_id, "annotator": r.annotator, "kind": r.kind, "choice": r.choice,
                         "ranking": None if r.ranking is None else json.loads(r.ranking), "label": r.label,
                         "score": r.score, "comment": r.comment, "displayed_order": json.loads(r.displayed_order),
-                        "created_at": iso(r.created_at)})
+                        "created_at": iso(r.created_at),
+                        "answered_in": None if r.answered_in is None else round(r.answered_in, 3), "flag": r.flag})
         return out
 
     def progress(self, annotator: str) -> dict:

@@ -1,5 +1,6 @@
 // heed labelling page: keyboard shortcuts over a form that also works without this script.
-// 1/← and 2/→ choose, 3/↑ tie, 4 both bad, 0/↓ skip, Enter submits, u undoes, c comments.
+// 1/← and 2/→ choose, 3/↑ tie, 4 both bad, 0/↓ skip, Enter submits, u undoes, c comments,
+// g opens and closes the guidelines.
 (function () {
   "use strict";
   const form = document.getElementById("answer-form");
@@ -86,10 +87,28 @@
     form.requestSubmit();
   }
 
+  // Times are written in UTC; show them in the viewer's own time zone.
+  document.querySelectorAll("time[datetime]").forEach((t) => {
+    const d = new Date(t.dateTime);
+    if (!isNaN(d)) { t.title = t.textContent; t.textContent = d.toLocaleString(); }
+  });
+
   // Small images (agent clips) are scaled up: keep their pixels sharp rather than blurred.
   document.querySelectorAll("img.media").forEach((img) => {
     const mark = () => { if (img.naturalWidth && img.naturalWidth < img.clientWidth) img.classList.add("upscaled"); };
     if (img.complete) mark(); else img.addEventListener("load", mark);
+  });
+
+  // A page the browser shows again (Back, Forward) must never carry an earlier choice or
+  // comment: one from its back-forward cache is fetched anew (the item may have changed),
+  // and any form state the browser restored is reset to what the server rendered.
+  window.addEventListener("pageshow", (e) => {
+    if (e.persisted) { window.location.reload(); return; }
+    if (!form) return;
+    form.reset();
+    sent = false;
+    document.getElementById("submit").disabled = false;
+    refresh();
   });
 
   if (form) {
@@ -113,6 +132,9 @@
     if (e.ctrlKey) return;
     const key = e.key;
     if ((key === "u" || key === "U") && undo) { e.preventDefault(); undo.requestSubmit(); return; }
+    const panel = document.getElementById("guidelines-panel");
+    if (key === "g" && panel) { e.preventDefault(); panel.open = !panel.open; return; }
+    if (key === "Escape" && panel && panel.open) { panel.open = false; return; }
     if (!form) return;
     let handled = true;
     if (key === "Enter") submit();
