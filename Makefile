@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[control,mujoco,app,test]"
+	$(BIN)/pip install -q -e ".[control,mujoco,app,test,lora]"
 	touch $(STAMP)
 
 install: $(STAMP)

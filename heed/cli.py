@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "rebel": ("heed.algos.rebel", "REBELConfig", "run", "REBEL: regress reward gaps onto log-ratio gaps"),
     "grpo": ("heed.algos.grpo", "GRPOConfig", "run_grpo", "GRPO: group-normalised advantages, no critic"),
     "rloo": ("heed.algos.grpo", "RLOOConfig", "run_rloo", "RLOO: leave-one-out baselines, no critic"),
+    "merge": ("heed.merge", "MergeConfig", "merge", "fold a LoRA run's adapter into its base: a plain model"),
     "control train": ("heed.control.train", "ControlTrainConfig", "train", "RL from preferences, Gymnasium agents"),
 }
 

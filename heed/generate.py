@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from heed.config import option
 from heed.data import read_prompts, write_jsonl
-from heed.models import encode_prompts, load_policy, position_ids
+from heed.models import encode_prompts, load_policy, position_ids, unwrap
 from heed.template import prompt_key
 from heed.utils import progress, seed_everything
 
@@ -111,6 +111,7 @@ def sample_tokens(model, prompt_ids: Sequence[list[int]], *, pad_id: int, eos_id
     value head on the policy trunk), the value of the state before each token is
     read off the same forward pass that chose the token: no second pass.
     """
+    model = unwrap(model)  # a peft policy: the transformers model inside, its adapter active
     device = next(model.parameters()).device
     # consecutive rows with the same prompt (n samples of one prompt) share its first pass
     distinct, owner = [], []
@@ -144,6 +145,7 @@ def sample_tokens(model, prompt_ids: Sequence[list[int]], *, pad_id: int, eos_id
         if value_head is not None:
             hidden = out.hidden_states[-1][:, -1]
             hidden = hidden[rows] if step == 0 else hidden
+            hidden = hidden.to(value_head.weight.dtype)  # bf16 weights (--dtype bf16): the head stays fp32
             values.append(value_head(hidden).squeeze(-1).float().masked_fill(finished, 0.0))
         if temperature > 0:
             scaled = logits / temperature
@@ -170,8 +172,9 @@ def sample_tokens(model, prompt_ids: Sequence[list[int]], *, pad_id: int, eos_id
 
 
 def trim_responses(tokens: torch.Tensor, finished: torch.Tensor, *, pad_id: int, eos_id: int) -> list[list[int]]:
-    """Each row of `sample_tokens`' (B, R) tokens cut after its EOS (kept) or its last real token."""
-    lengths = torch.where(finished, (tokens == eos_id).int().argmax(-1) + 1, (tokens != pad_id).sum(-1))
+    """Each row of `sample_tokens`' (B, R) tokens cut after its EOS (kept); a row that never ended
+    is all real tokens (padding comes only after EOS, and may itself be EOS: pad = EOS tokenizers)."""
+    lengths = torch.where(finished, (tokens == eos_id).int().argmax(-1) + 1, tokens.shape[1])
     return [tokens[i, :int(n)].tolist() for i, n in enumerate(lengths)]
 
 

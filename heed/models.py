@@ -7,11 +7,26 @@ Batch layout used by every stage (the TRL layout): prompts left-padded,
 responses right-padded, concatenated: `[pad pad p p p | r r r EOS pad]`.
 Position ids are `cumsum(attention_mask) - 1`, so a left-padded prompt gets the
 same positions as an unpadded one (Huang et al. 2023, "N implementation details").
+Attention masks, never token ids, say what is padding: a tokenizer whose pad token is its
+EOS (or that has none, and gets EOS as pad) works as well as heed's own, and the EOS that
+ends a response is scored and trained like any response token.
+
+Prompts are rendered with heed's template (heed/template.py) for heed's own tokenizers, and
+with the tokenizer's own chat template (`apply_chat_template`) for any other tokenizer that
+has one (`render_prompt`).
+
+LoRA (peft): `add_lora` wraps a model in a peft adapter; every forward here runs the
+transformers model inside (`unwrap`: the LoRA layers are in it), so a peft policy and a plain
+one take the same paths, and `Reference` gives the policy with its adapter switched off as
+the reference model. A directory holding an adapter loads as its base with the adapter merged.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -59,16 +74,35 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path |
 
 
 def load_tokenizer(path: str | Path):
+    """A local tokenizer, left-padding. One without a pad token pads with EOS: no token is added
+    (which would resize a real model's embeddings), and attention masks say what is padding
+    everywhere in heed, so the EOS that ends a response still counts."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.eos_token_id is None:
         raise HeedError(f"{path}: tokenizer has no EOS token")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        # A separate pad token keeps "the response ended" distinguishable from padding.
-        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
+
+
+def uses_heed_template(tokenizer) -> bool:
+    """Whether prompts are rendered with heed's template: heed's own tokenizers (whose chat
+    template is heed's) and tokenizers with no chat template; any other chat template is used."""
+    template = getattr(tokenizer, "chat_template", None)
+    return not template or template == CHAT_TEMPLATE
+
+
+def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
+    """A prompt (a string, or chat messages, system messages included) as text that ends where
+    the response begins: heed's template, or the tokenizer's own chat template with its
+    generation prompt (a string is one user message)."""
+    if uses_heed_template(tokenizer):
+        return format_prompt(prompt)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 # ---------------------------------------------------------------------------
@@ -89,11 +123,20 @@ def build_model(preset: str, tokenizer):
     return LlamaForCausalLM(config)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
 def load_policy(path: str | Path, *, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a local HF directory; dropout off (eval mode) for RL stability."""
+    """(model, tokenizer) from a local HF directory; dropout off (eval mode) for RL stability.
+
+    A directory holding a LoRA adapter (a stage run with --lora-r) loads as its base model with
+    the adapter merged in: a plain causal LM, as `heed merge` writes it. The base is the
+    directory the adapter names (itself a model or another adapter)."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
+    path = Path(path).resolve()  # an adapter saved from this model names its base by this path
+    if not (path / "config.json").exists() and (path / ADAPTER_CONFIG).exists():
+        return load_adapter(path, dtype=dtype)
     if not (path / "config.json").exists():
         raise HeedError(f"{path}: not a model directory (no config.json); train one with `heed pretrain`")
     tokenizer = load_tokenizer(path)
@@ -103,6 +146,121 @@ def load_policy(path: str | Path, *, dtype: torch.dtype = torch.float32):
     disable_dropout(model)
     fuse_activations(model)
     return model, tokenizer
+
+
+def load_adapter(path: Path, *, dtype: torch.dtype = torch.float32):
+    """(base + LoRA adapter merged, tokenizer) of an adapter directory."""
+    from peft import PeftModel
+
+    base_path = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base_path or not Path(base_path).is_dir():
+        raise HeedError(f"{path}: its LoRA adapter's base model {base_path!r} is not a local directory")
+    base, _ = load_policy(base_path, dtype=dtype)
+    model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    model.name_or_path = str(path)  # an adapter trained on top of this one names this directory as its base
+    disable_dropout(model)
+    return model, load_tokenizer(path)
+
+
+# ---------------------------------------------------------------------------
+# LoRA (peft)
+# ---------------------------------------------------------------------------
+
+# What LoRA adapts by default, by `config.model_type`: every attention and MLP projection.
+LORA_TARGETS: dict[str, list[str]] = {
+    **{kind: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+       for kind in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def lora_targets(config) -> list[str] | str:
+    """The default LoRA target modules of a model's architecture, else peft's "all-linear"
+    (every linear layer but the output head)."""
+    return LORA_TARGETS.get(getattr(config, "model_type", ""), "all-linear")
+
+
+def add_lora(model, *, r: int, alpha: float, dropout: float = 0.0, targets: Sequence[str] = ()):
+    """`model` wrapped in a fresh LoRA adapter (peft): its own weights frozen, the adapter's
+    B = 0, so the wrapped model starts as the model. Adapter weights are fp32 whatever the
+    model's dtype (peft's autocast_adapter_dtype)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                        target_modules=list(targets) if targets else lora_targets(model.config))
+    return get_peft_model(model, config)
+
+
+def is_peft(model) -> bool:
+    """Whether `model` is a peft wrapper (peft is imported only when LoRA is used)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def unwrap(model):
+    """The transformers model inside a peft wrapper (its LoRA layers in place, so running it
+    runs the adapter too), or `model` itself."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def trunk_of(model):
+    """The transformer trunk of a causal LM (its `base_model`: hidden states, no LM head),
+    through a peft wrapper; a trunk is its own trunk."""
+    return unwrap(model).base_model
+
+
+def merged(model):
+    """A plain transformers model: `model` with its LoRA adapter folded into the weights (peft's
+    merge_and_unload; the wrapper is spent afterwards), or `model` itself."""
+    return model.merge_and_unload() if is_peft(model) else model
+
+
+class Reference:
+    """The frozen model KL penalties and DPO's log-ratios are measured against.
+
+    - `model` or `path` given: that model (loaded from `path`), frozen;
+    - a policy with a LoRA adapter: the policy itself with its adapter switched off (peft's
+      `disable_adapter`): one copy of the base weights in memory, as in TRL and OpenRLHF;
+    - otherwise a frozen copy of the policy as it is now (`snapshot`), or, without
+      `snapshot`, the policy itself (for a reference used only before training starts).
+
+        with reference() as ref:
+            ref_logprobs = token_logprobs(ref, batch)
+    """
+
+    def __init__(self, policy, path: str | Path | None = None, *, model=None, snapshot: bool = True, dtype=None):
+        self.policy, self.model = policy, model
+        if model is not None:
+            pass
+        elif path:
+            self.model = load_policy(path, dtype=dtype or next(policy.parameters()).dtype)[0]
+        elif not is_peft(policy):
+            self.model = copy.deepcopy(policy) if snapshot else policy
+        if self.model is not None and self.model is not policy:
+            self.model.eval().requires_grad_(False)
+
+    @property
+    def adapter_off(self) -> bool:
+        """Whether the reference is the policy with its adapter switched off."""
+        return self.model is None
+
+    def to(self, device) -> "Reference":
+        if self.model is not None and self.model is not self.policy:
+            self.model.to(device)
+        return self
+
+    @contextmanager
+    def __call__(self):
+        if self.model is not None:
+            yield self.model
+            return
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.policy.disable_adapter():
+                yield unwrap(self.policy)
+        finally:
+            self.policy.train(was_training)
 
 
 def fuse_activations(model: torch.nn.Module) -> None:
@@ -138,6 +296,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def save_model(model, tokenizer, out_dir: str | Path, **extra_json) -> None:
+    """A model directory: the weights (a peft model: its adapter only, in peft's format, naming
+    its base directory; `load_policy` and `heed merge` fold it in), the tokenizer, heed.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -179,14 +339,17 @@ class Batch:
 
 
 def encode_prompts(tokenizer, prompts: Sequence, max_len: int) -> list[list[int]]:
-    """Token ids of each formatted prompt; long prompts keep their end (the question)."""
-    ids = tokenizer([format_prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
+    """Token ids of each rendered prompt (`render_prompt`); long prompts keep their end (the question)."""
+    ids = tokenizer([render_prompt(tokenizer, p) for p in prompts], add_special_tokens=False)["input_ids"]
     return [x[-max_len:] for x in ids]
 
 
 def encode_responses(tokenizer, responses: Sequence[str], max_len: int, *, add_eos: bool = True) -> list[list[int]]:
-    """Token ids of " " + response (+ EOS), truncated to max_len (truncated ones lose their EOS)."""
-    ids = tokenizer([" " + r for r in responses], add_special_tokens=False)["input_ids"]
+    """Token ids of the response (+ EOS), truncated to max_len (truncated ones lose their EOS).
+    Under heed's template the response follows "Assistant:" after a space (" " + response); a
+    chat template's generation prompt already ends where the response begins."""
+    space = " " if uses_heed_template(tokenizer) else ""
+    ids = tokenizer([space + r for r in responses], add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos else []
     return [(x + eos)[:max_len] for x in ids]
 
@@ -223,8 +386,8 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def forward_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden states (B, T, d) of a causal LM's trunk, with padding-aware positions."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids(attention_mask), use_cache=False)
+    out = trunk_of(model)(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids(attention_mask), use_cache=False)
     return out.last_hidden_state
 
 
@@ -285,8 +448,11 @@ def shared_batch(tokenizer, prompts: Sequence, responses: Sequence[Sequence[str]
 def forward_shared(model, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Last hidden states of the prompts (N, P, d) and of the responses (M, R, d), each prompt
     run once: its keys and values are reused, with gradients, by every response continuing it.
-    Equal (up to rounding) to running every prompt + response row in full."""
-    trunk = model.base_model
+    Equal (up to rounding) to running every prompt + response row in full. Under gradient
+    checkpointing in training, which cannot keep a cache, every row runs in full instead."""
+    trunk = trunk_of(model)
+    if trunk.training and trunk.is_activation_checkpointing:
+        return forward_shared_in_full(trunk, batch)
     out = trunk(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
                 position_ids=position_ids(batch.prompt_mask), use_cache=True)
     owner = batch.owner
@@ -305,12 +471,23 @@ def forward_shared(model, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tenso
     return out.last_hidden_state, responses.last_hidden_state
 
 
+def forward_shared_in_full(trunk, batch: SharedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """forward_shared's result with each response's row run in full, its prompt repeated (no
+    KV cache): the prompts' hidden states are read off each prompt's first response row."""
+    owner, P = batch.owner, batch.prompt_ids.shape[1]
+    mask = torch.cat([batch.prompt_mask[owner], batch.response_mask], 1)
+    hidden = trunk(input_ids=torch.cat([batch.prompt_ids[owner], batch.response_ids], 1), attention_mask=mask,
+                   position_ids=position_ids(mask), use_cache=False).last_hidden_state
+    first = torch.cumsum(batch.counts, 0) - batch.counts  # each prompt's first response row
+    return hidden[first, :P], hidden[:, P:]
+
+
 def shared_token_logprobs(model, batch: SharedBatch, *, temperature: float = 1.0) -> torch.Tensor:
     """log pi(y_t | x, y_<t) of every response token, (M, R), 0 on padding; each prompt run once,
     the LM head only where a response token is predicted (the prompt's last position, then the
     response's)."""
     prompt_hidden, response_hidden = forward_shared(model, batch)
-    head = model.get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     hidden = torch.cat([prompt_hidden[batch.owner, -1:], response_hidden[:, :-1]], 1)  # (M, R, d)
     out = []
     for i in range(0, hidden.shape[0], 8):  # bounded memory for the (b, R, V) logits
@@ -338,7 +515,7 @@ def token_logprobs(model, batch: Batch, *, temperature: float = 1.0, hidden: tor
     """
     if hidden is None:
         hidden = forward_hidden(model, batch.input_ids, batch.attention_mask)
-    head = model.get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
     entropy = torch.zeros_like(logprobs) if with_entropy else None
     P = max(1, batch.prompt_len)  # responses start at column P; position t - 1 predicts token t
@@ -379,30 +556,66 @@ class TokenLogprobs(torch.nn.Module):
 
 @dataclass
 class LMExample:
-    """One training sequence: token ids, and which of them the loss is taken on."""
+    """One training sequence: token ids, and which of them the loss is taken on. A packed row
+    (`pack_examples`) also has position ids that restart at each example's first token."""
 
     input_ids: list[int]
     loss_mask: list[int]  # 1 where the token is predicted (a response token, or any corpus token)
+    position_ids: list[int] | None = None
+
+
+def pack_examples(examples: Sequence[LMExample], seq_len: int) -> list[LMExample]:
+    """Examples concatenated, in order, into rows of at most `seq_len` tokens (a row takes the
+    next example while it fits; an example longer than `seq_len` is cut to it). Each example's
+    positions restart at 0, and its first token is not a target (in its own row nothing
+    predicts it; here the previous example's last token would). Run with `collate_lm`, the
+    model sees each example as if alone: attention stays within it (transformers builds a
+    block-diagonal causal mask from the restarting positions), so the summed loss is the
+    unpacked one, with less padding."""
+    rows: list[LMExample] = []
+    ids: list[int] = []
+    mask: list[int] = []
+    pos: list[int] = []
+    for e in examples:
+        n = min(len(e.input_ids), seq_len)
+        if ids and len(ids) + n > seq_len:
+            rows.append(LMExample(ids, mask, pos))
+            ids, mask, pos = [], [], []
+        ids = ids + e.input_ids[:n]
+        mask = mask + [0] + e.loss_mask[1:n]
+        pos = pos + list(range(n))
+    if ids:
+        rows.append(LMExample(ids, mask, pos))
+    return rows
 
 
 def collate_lm(examples: list[LMExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded (B, T) tensors; labels are -100 where no loss is taken."""
+    """Right-padded (B, T) tensors; labels are -100 where no loss is taken. Packed rows get
+    `position_ids` (the padding after a row's examples is one more segment of its own) and no
+    attention mask: the restarting positions are what keeps attention within each example."""
     T = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     attention = torch.zeros((len(examples), T), dtype=torch.long)
     labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    packed = any(e.position_ids is not None for e in examples)
+    positions = torch.zeros((len(examples), T), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids = torch.tensor(e.input_ids, dtype=torch.long)
         input_ids[i, :n] = ids
         attention[i, :n] = 1
         labels[i, :n] = torch.where(torch.tensor(e.loss_mask, dtype=torch.bool), ids, torch.tensor(-100))
+        positions[i, :n] = torch.tensor(e.position_ids if e.position_ids is not None else range(n))
+        positions[i, n:] = torch.arange(T - n)
+    if packed:
+        return {"input_ids": input_ids, "position_ids": positions, "labels": labels}
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
 def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of next-token negative log-likelihoods over labelled tokens, number of such tokens)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids")).logits
     targets = batch["labels"][:, 1:]
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                             ignore_index=-100, reduction="sum")

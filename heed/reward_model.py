@@ -44,6 +44,7 @@ from heed.models import (
     load_policy,
     load_tokenizer,
     make_batch,
+    merged,
     shared_width,
 )
 from heed.utils import HeedError, atomic_write_text
@@ -109,10 +110,13 @@ class RewardMember(nn.Module):
         return rewards, nll / batch.response_mask[lm_rows].sum(-1).clamp(min=1)
 
     def save(self, path: str | Path) -> None:
+        """The trunk as a plain model directory and the head; a trunk trained with LoRA is saved
+        with its adapter merged in (a member directory holds whole weights, whatever trained them)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        self.trunk = merged(self.trunk)
         self.trunk.save_pretrained(path)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
                   str(path / "head.safetensors"))

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from heed.config import option, save as save_config
-from heed.models import LMExample, collate_lm, device_of, evaluate_nll, token_nll
+from heed.models import LMExample, add_lora, collate_lm, device_of, evaluate_nll, is_peft, token_nll
 from heed.utils import HeedError, MetricsLogger, progress
 
 DONE_FILE = "trainer_done.json"
@@ -50,6 +50,21 @@ class TrainConfig:
     save_every: int = option(100, "checkpoint every N steps (a killed run resumes from the last)")
     bf16: bool = option(False, "bf16 autocast: for GPUs, and CPUs with AMX on models of ~10M parameters and up "
                                "(docs/performance.md)")
+    dtype: str = option("fp32", "weights of the trained model: bf16 halves the weights, gradients and AdamW "
+                                "moments (every stage); the value and reward heads, LoRA adapters, log-softmax "
+                                "and losses stay fp32. Pure-bf16 AdamW drops updates below bf16 precision: "
+                                "best with LoRA or large learning rates (docs/scale.md)", choices=("fp32", "bf16"))
+    gradient_checkpointing: bool = option(False, "recompute each layer's activations in the backward pass: "
+                                                 "less memory, about a third more compute; the shared-prompt "
+                                                 "KV path then runs every row in full")
+    lora_r: int = option(0, "LoRA rank (0 = off: every weight trains). With LoRA only the adapter (and any "
+                            "value or reward head) trains, the reference is the policy with its adapter off, "
+                            "and the run saves the adapter (peft format; `heed merge` writes a plain model)")
+    lora_alpha: float = option(16.0, "LoRA alpha: the adapter's update is scaled by alpha / r")
+    lora_dropout: float = option(0.0, "dropout on the LoRA path (RL stages want 0: log-probs must repeat)")
+    lora_target_modules: list[str] = option([], "modules LoRA adapts (default by architecture: q,k,v,o and MLP "
+                                                "projections for Llama/Qwen/Mistral/Gemma, c_attn,c_proj,c_fc "
+                                                "for GPT-2, else all-linear)")
 
 
 @dataclass(kw_only=True)
@@ -59,6 +74,30 @@ class OfflineConfig(TrainConfig):
     batch_size: int = option(32, "global batch size (rows per optimiser step, all processes together)")
     eval_every: int = option(100, "evaluate on held-out data every N steps (and at the end)")
     log_every: int = option(1, "log training metrics, averaged over N steps, every N steps")
+
+
+def weight_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype a stage loads its trained model in (--dtype)."""
+    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+
+
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig):
+    """The one place a stage's trained causal LM (or reward-model trunk) gets the shared memory
+    options, before any head or wrapper is put around it: weights in --dtype, gradient
+    checkpointing (non-reentrant), and a LoRA adapter (--lora-r; the model comes back wrapped
+    by peft, heed/models.py:add_lora). Checkpointing a LoRA model needs the embeddings' output
+    to require gradients (peft's `enable_input_require_grads`), as the embeddings are frozen."""
+    model.to(weight_dtype(cfg))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r > 0:
+        if is_peft(model):
+            raise HeedError("the model has a LoRA adapter already")
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                         targets=cfg.lora_target_modules)
+    return model
 
 
 def shape_multiple(cfg: TrainConfig) -> int:

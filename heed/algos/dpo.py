@@ -4,7 +4,9 @@
                transcripts, chat message lists; auto-detected); ties and both_bad rows are
                dropped, since they state no preference
  2. reference  one batched pass of the frozen reference over every pair: its sequence
-               log-probs are computed once and cached (out/reference_logps.pt), never again
+               log-probs are computed once and cached (out/reference_logps.pt), never again;
+               the reference is --reference, or the policy before training (with --lora-r,
+               the policy with its adapter switched off: no second copy of the weights)
  3. update     for `epochs` passes over a seeded shuffle of the pairs, each step the policy's
                sequence log-probs of chosen and rejected (one forward pass of both) and the
                loss of heed/losses.py:
@@ -33,11 +35,20 @@ from typing import Sequence
 
 import torch
 
-from heed.algos.common import OfflineConfig, already_trained, make_accelerator, shape_multiple, train_offline
+from heed.algos.common import (
+    OfflineConfig,
+    already_trained,
+    make_accelerator,
+    prepare_model,
+    shape_multiple,
+    train_offline,
+    weight_dtype,
+)
 from heed.config import option
 from heed.data import Pair, read_preference_pairs
 from heed.losses import dpo_implicit_reward, dpo_loss
 from heed.models import (
+    Reference,
     TokenLogprobs,
     batched_pair_logprobs,
     device_of,
@@ -108,7 +119,8 @@ def run(cfg: DPOConfig) -> dict:
     if cfg.limit:
         pairs = pairs[:cfg.limit]
     heldout = read_preference_pairs(cfg.eval_data, cfg.format, cfg.skip_invalid)[0] if cfg.eval_data else []
-    policy, tokenizer = load_policy(cfg.policy)
+    policy, tokenizer = load_policy(cfg.policy, dtype=weight_dtype(cfg))
+    policy = prepare_model(policy, cfg)
     print(f"dpo: {len(pairs)} pairs ({ties} ties dropped), {cfg.loss_type} loss, beta {cfg.beta}"
           + (f"; {len(heldout)} held-out pairs" if heldout else ""))
     out.mkdir(parents=True, exist_ok=True)
@@ -119,11 +131,13 @@ def run(cfg: DPOConfig) -> dict:
     if cache.exists():
         ref = torch.load(cache)
     else:
-        reference = load_policy(cfg.reference)[0] if cfg.reference else policy
-        ref = pair_logprobs(reference, tokenizer, pairs, **lengths)
-        if heldout:
-            ref["heldout"] = pair_logprobs(reference, tokenizer, heldout, **lengths)
-        del reference
+        # --reference, or the policy before training (with LoRA: its adapter switched off)
+        reference = Reference(policy, cfg.reference, snapshot=False)
+        with reference() as model:
+            ref = pair_logprobs(model, tokenizer, pairs, **lengths)
+            if heldout:
+                ref["heldout"] = pair_logprobs(model, tokenizer, heldout, **lengths)
+        del reference, model
         if accelerator.is_main_process:
             torch.save(ref, cache)
 

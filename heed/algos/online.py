@@ -4,6 +4,8 @@
       prompts   `prompts_per_iteration` training prompts, drawn with the iteration's generator
       rollout   K responses per prompt (K = 1 for PPO) from the KV-cache sampler, their tokens'
                 log-probs from that same pass, and one batched pass of the frozen reference
+                (models.Reference: a copy of the policy as it started, or with LoRA the policy
+                with its adapter switched off)
       score     reward models and/or rule rewards on the text; normalised with a gain and bias
                 fitted on the first rollout (the SFT policy's) when `normalize_reward`; responses
                 that never emit EOS lose `missing_eos_penalty`
@@ -19,7 +21,6 @@ logged as monitor/score and never optimised.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -29,10 +30,28 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from heed.algos.common import Learner, TrainConfig, global_mean, make_accelerator, micro_batches
+from heed.algos.common import (
+    Learner,
+    TrainConfig,
+    global_mean,
+    make_accelerator,
+    micro_batches,
+    prepare_model,
+    weight_dtype,
+)
 from heed.config import option, save as save_config
 from heed.generate import decode_response, sample_tokens, to_token_columns, trim_responses
-from heed.models import Batch, collate, encode_prompts, load_policy, save_model, shared_token_logprobs, token_logprobs
+from heed.models import (
+    Batch,
+    Reference,
+    collate,
+    encode_prompts,
+    is_peft,
+    load_policy,
+    save_model,
+    shared_token_logprobs,
+    token_logprobs,
+)
 from heed.utils import HeedError, progress
 
 
@@ -45,7 +64,8 @@ class RolloutConfig(TrainConfig):
     reward: list[str] = option(help="reward terms, [WEIGHT*]TARGET: reward-model dirs and/or module:function rules")
     monitor: list[str] = option([], "reward terms logged as monitor/score each iteration, never optimised "
                                     "(heed.rules:gold on the embedded world)")
-    reference: str | None = option(None, "frozen reference model for the KL (default: a copy of --policy)")
+    reference: str | None = option(None, "frozen reference model for the KL (default: a copy of --policy; with "
+                                         "--lora-r, the policy with its adapter switched off)")
     steps: int = option(60, "iterations (rollout + update)")
     prompts_per_iteration: int = option(16, "prompts per iteration, per process")
     mini_batch_size: int = option(16, "sequences per optimiser step, per process")
@@ -130,10 +150,11 @@ class OnlineTrainer:
         self.cfg = cfg
         accelerator = make_accelerator(cfg)
         if policy is None:
-            policy, tokenizer = load_policy(cfg.policy)
-        if reference is None:
-            reference = load_policy(cfg.reference)[0] if cfg.reference else copy.deepcopy(policy)
-        self.reference = reference.eval().requires_grad_(False).to(accelerator.device)
+            policy, tokenizer = load_policy(cfg.policy, dtype=weight_dtype(cfg))
+        if not is_peft(policy):
+            policy = prepare_model(policy, cfg)
+        # a given model, --reference, or the policy as it starts (with LoRA: its adapter switched off)
+        self.reference = Reference(policy, cfg.reference, model=reference).to(accelerator.device)
         self.tokenizer, self.reward_fn, self.monitor = tokenizer, reward_fn, monitor
         self.prompts = list(prompts) if prompts is not None else None
         self.norm: dict | None = None  # {"bias", "gain"} of the score, fitted on the first rollout
@@ -189,7 +210,8 @@ class OnlineTrainer:
         def columns(x: torch.Tensor) -> torch.Tensor:  # (B, R) sampler order -> (B, T) token columns, masked
             return to_token_columns(x, batch.prompt_len, batch.input_ids.shape[1]).to(device) * mask
 
-        ref_logprobs = self.logprobs(self.reference, batch) * mask
+        with self.reference() as reference:
+            ref_logprobs = self.logprobs(reference, batch) * mask
         return Rollout(repeated, [decode_response(tok, ids) for ids in response_ids], batch, mask, columns(logprobs),
                        ref_logprobs, finished, values=None if values is None else columns(values))
 

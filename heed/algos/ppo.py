@@ -66,7 +66,7 @@ from heed.losses import (
     ppo_token_rewards,
     ppo_value_loss,
 )
-from heed.models import Batch, collate, encode_prompts, encode_responses, forward_hidden, token_logprobs
+from heed.models import Batch, collate, encode_prompts, encode_responses, forward_hidden, token_logprobs, trunk_of
 from heed.rules import load_reward
 
 
@@ -116,7 +116,8 @@ class ActorCritic(nn.Module):
                                            with_entropy=True)
         if self.critic is not None:
             hidden = forward_hidden(self.critic, batch.input_ids, batch.attention_mask)
-        v = self.value_head(hidden).squeeze(-1).float()  # value of the state after token t
+        # value of the state after token t (the head stays fp32 under --dtype bf16)
+        v = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         values = torch.zeros_like(v)
         values[:, 1:] = v[:, :-1]  # ... is the value before token t + 1
         return logprobs, entropy, values
@@ -149,7 +150,7 @@ class PPOTrainer(OnlineTrainer):
         return self.cfg.ppo_epochs
 
     def build_model(self, policy) -> ActorCritic:
-        return ActorCritic(policy, copy.deepcopy(policy.base_model) if self.cfg.separate_critic else None)
+        return ActorCritic(policy, copy.deepcopy(trunk_of(policy)) if self.cfg.separate_critic else None)
 
     @property
     def actor_critic(self) -> ActorCritic:
@@ -230,7 +231,8 @@ class PPOTrainer(OnlineTrainer):
         with torch.no_grad():
             self.learner.model.eval()
             logprobs, _, values = self.learner.model(batch, cfg.temperature)
-            ref_logprobs = token_logprobs(self.reference, batch, temperature=cfg.temperature)
+            with self.reference() as reference:
+                ref_logprobs = token_logprobs(reference, batch, temperature=cfg.temperature)
         exp = Rollout(list(queries), list(responses), batch, mask, logprobs * mask, ref_logprobs * mask,
                       torch.ones(len(queries), dtype=torch.bool), values=values * mask,
                       scores=torch.tensor(list(rewards), dtype=torch.float32, device=acc.device))

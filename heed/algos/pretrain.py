@@ -6,6 +6,9 @@
 4. next-token cross-entropy with AdamW, warm-up then cosine annealing to zero;
    held-out perplexity logged; checkpoints resume (heed/algos/common.py)
 
+With --pack, step 3 keeps documents apart instead: each document (cut into --seq-len pieces if
+longer) keeps its own positions and attention within a row (models.pack_examples).
+
 Departure from common practice: documents are not separated by EOS, because the
 world's corpus uses EOS to mark the end of an assistant's response, and a
 response that "never ends" must be learnable as such.
@@ -17,7 +20,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from heed.algos.common import OfflineConfig, train_lm
+from heed.algos.common import OfflineConfig, prepare_model, train_lm, weight_dtype
 from heed.config import option
 from heed.data import read_texts
 from heed.models import (
@@ -27,6 +30,7 @@ from heed.models import (
     count_parameters,
     load_policy,
     load_tokenizer,
+    pack_examples,
     save_model,
     train_tokenizer,
 )
@@ -47,6 +51,8 @@ class PretrainConfig(OfflineConfig):
     warmup_steps: int = option(30, "linear warm-up steps")
     weight_decay: float = option(0.01, "AdamW weight decay")
     skip_invalid: bool = option(False, "skip and count malformed corpus rows instead of stopping")
+    pack: bool = option(False, "pack documents into --seq-len rows with attention and positions kept within each "
+                               "document (default: one stream cut into blocks, attention across documents)")
 
 
 def pack(token_lists: list[list[int]], sep: list[int], seq_len: int) -> list[LMExample]:
@@ -59,6 +65,13 @@ def pack(token_lists: list[list[int]], sep: list[int], seq_len: int) -> list[LME
     return [LMExample(stream[i * seq_len:(i + 1) * seq_len], [1] * seq_len) for i in range(n)]
 
 
+def pack_documents(token_lists: list[list[int]], sep: list[int], seq_len: int) -> list[LMExample]:
+    """Each document (+ `sep`), cut into pieces of at most seq_len, as its own example, packed
+    into rows of seq_len with attention and positions kept within each piece."""
+    pieces = [ids[i:i + seq_len] for ids in (t + sep for t in token_lists) for i in range(0, len(ids), seq_len)]
+    return pack_examples([LMExample(p, [1] * len(p)) for p in pieces if len(p) > 1], seq_len)
+
+
 def run(cfg: PretrainConfig) -> dict:
     seed_everything(cfg.seed)
     docs = read_texts(cfg.corpus, cfg.text_field, skip_invalid=cfg.skip_invalid)
@@ -67,8 +80,10 @@ def run(cfg: PretrainConfig) -> dict:
     heldout_docs, train_docs = docs[:n_heldout], docs[n_heldout:]
 
     if Path(cfg.model).is_dir():
-        model, tokenizer = load_policy(cfg.model)
+        model, tokenizer = load_policy(cfg.model, dtype=weight_dtype(cfg))
     else:
+        if cfg.lora_r:
+            raise HeedError("--lora-r adapts a trained model: give --model a model directory, not a preset")
         if cfg.model not in PRESETS:
             raise HeedError(f"--model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
         if cfg.tokenizer:
@@ -76,13 +91,15 @@ def run(cfg: PretrainConfig) -> dict:
         else:
             tokenizer = train_tokenizer(train_docs, cfg.vocab_size or PRESETS[cfg.model]["vocab_size"])
         model = build_model(cfg.model, tokenizer)
+    model = prepare_model(model, cfg)
     print(f"pretrain: {len(train_docs)} documents, model {count_parameters(model) / 1e6:.2f}M parameters, "
           f"vocabulary {len(tokenizer)}")
 
     sep = tokenizer("\n", add_special_tokens=False)["input_ids"]
     encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
-    train = pack(encode(train_docs), sep, cfg.seq_len)
-    heldout = pack(encode(heldout_docs), sep, cfg.seq_len)
+    chop = pack_documents if cfg.pack else pack
+    train = chop(encode(train_docs), sep, cfg.seq_len)
+    heldout = chop(encode(heldout_docs), sep, cfg.seq_len)
     if len(train) < 1:
         raise HeedError(f"{cfg.corpus}: corpus too small for one sequence of {cfg.seq_len} tokens")
     print(f"pretrain: {len(train)} training sequences of {cfg.seq_len} tokens "

@@ -42,7 +42,9 @@ from heed.algos.common import (
     global_mean,
     mean_stats,
     micro_batches,
+    prepare_model,
     shape_multiple,
+    weight_dtype,
 )
 from heed.config import option, save as save_config
 from heed.data import read_prompts, read_reward_pairs, write_jsonl
@@ -95,7 +97,8 @@ class REBELTrainer:
     def __init__(self, cfg: REBELConfig, *, reward_fn: Callable | None = None, prompts: Sequence | None = None,
                  monitor: Callable | None = None, n_pairs_hint: int | None = None):
         self.cfg = cfg
-        policy, self.tokenizer = load_policy(cfg.policy)
+        policy, self.tokenizer = load_policy(cfg.policy, dtype=weight_dtype(cfg))
+        policy = prepare_model(policy, cfg)
         self.reward_fn, self.monitor = reward_fn, monitor
         self.prompts = list(prompts) if prompts is not None else None
         iterations = 1 if cfg.data else cfg.iterations

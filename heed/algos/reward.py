@@ -33,7 +33,15 @@ from pathlib import Path
 
 import torch
 
-from heed.algos.common import DONE_FILE, OfflineConfig, already_trained, shape_multiple, train_offline
+from heed.algos.common import (
+    DONE_FILE,
+    OfflineConfig,
+    already_trained,
+    prepare_model,
+    shape_multiple,
+    train_offline,
+    weight_dtype,
+)
 from heed.config import option, save as save_config
 from heed.data import (
     Pair,
@@ -193,6 +201,9 @@ def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, he
         return
     total_steps = max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
     member = RewardMember.from_policy(cfg.model, seed=cfg.seed * 1000 + k, keep_lm_head=cfg.lm_coef > 0)
+    member.trunk = prepare_model(member.trunk, cfg)  # --dtype, --gradient-checkpointing, --lora-r; the head stays fp32
+    if member.lm_head is not None:  # an untied LM head is outside the trunk: it follows --dtype
+        member.lm_head.to(weight_dtype(cfg))
     train_offline(member, rows, cfg, total_steps,
                   stage=f"rm member {k}", loss=loss, evaluate=evaluate if heldout_rows else None,
                   save=lambda member: member.save(member_dir), data_seed=cfg.seed * 1000 + k * 100,

@@ -5,6 +5,10 @@
 3. next-token cross-entropy on response tokens only: the prompt is context, not target
 4. held-out loss on a split of the demonstrations (or --eval-data)
 
+With --pack, demonstrations are concatenated into rows of --seq-len tokens, each keeping its
+own positions and attention (models.pack_examples): the same loss, less padding; --batch-size
+then counts packed rows.
+
 The loop is the supervised causal-LM loop of heed/algos/common.py.
 """
 
@@ -14,10 +18,10 @@ import math
 import random
 from dataclasses import dataclass
 
-from heed.algos.common import OfflineConfig, train_lm
+from heed.algos.common import OfflineConfig, prepare_model, train_lm, weight_dtype
 from heed.config import option
 from heed.data import read_demos
-from heed.models import LMExample, encode_prompts, encode_responses, load_policy, save_model
+from heed.models import LMExample, encode_prompts, encode_responses, load_policy, pack_examples, save_model
 from heed.utils import seed_everything
 
 
@@ -35,6 +39,9 @@ class SFTConfig(OfflineConfig):
     eval_every: int = option(20, "evaluate on held-out demonstrations every N steps")
     save_every: int = option(50, "checkpoint every N steps (a killed run resumes from the last)")
     skip_invalid: bool = option(False, "skip and count malformed rows instead of stopping")
+    pack: bool = option(False, "concatenate demonstrations into rows of --seq-len tokens, attention and positions "
+                               "kept within each (the same loss, less padding); --batch-size counts rows")
+    seq_len: int = option(0, "tokens per packed row (0 = max-prompt-len + max-response-len)")
 
 
 def build_examples(tokenizer, demos: list[dict], max_prompt_len: int, max_response_len: int) -> list[LMExample]:
@@ -54,10 +61,15 @@ def run(cfg: SFTConfig) -> dict:
         random.Random(cfg.seed).shuffle(demos)
         k = int(len(demos) * cfg.eval_fraction)
         heldout_demos, train_demos = demos[:k], demos[k:]
-    model, tokenizer = load_policy(cfg.model)
+    model, tokenizer = load_policy(cfg.model, dtype=weight_dtype(cfg))
+    model = prepare_model(model, cfg)
     train = build_examples(tokenizer, train_demos, cfg.max_prompt_len, cfg.max_response_len)
     heldout = build_examples(tokenizer, heldout_demos, cfg.max_prompt_len, cfg.max_response_len)
+    n_demos = len(train)
+    if cfg.pack:
+        train = pack_examples(train, cfg.seq_len or cfg.max_prompt_len + cfg.max_response_len)
     steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
-    print(f"sft: {len(train)} demonstrations, {len(heldout)} held out, {steps} steps")
+    print(f"sft: {n_demos} demonstrations" + (f" packed into {len(train)} rows" if cfg.pack else "")
+          + f", {len(heldout)} held out, {steps} steps")
     return train_lm(model, tokenizer, train, heldout, cfg, steps, stage="sft",
                     save=lambda m: save_model(m, tokenizer, cfg.out))
