@@ -1,7 +1,9 @@
 """Load test for the labelling app: many annotators at once, and not one answer lost or doubled.
 
     python bench/label_load.py                       # 20 annotators, 60 s, SQLite
-    python bench/label_load.py --annotators 40 --seconds 120 --out runs/label_load.json
+    python bench/label_load.py --annotators 50 --seconds 120 --out runs/label_load.json
+    python bench/label_load.py --db postgresql       # on a throwaway PostgreSQL cluster (bench/pg_cluster.py)
+    python bench/label_load.py --db postgresql+psycopg://user@host/db   # an empty database of yours
 
 It starts `heed label serve` on 127.0.0.1 (a separate process, as in use), then
 runs N simulated annotators concurrently over the JSON API, each looping
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -34,6 +37,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from heed.feedback.store import Store  # noqa: E402
 
@@ -200,14 +204,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--items", type=int, default=30000)
     ap.add_argument("--undo-rate", type=float, default=0.05)
-    ap.add_argument("--db", help="database file to create (default: a temporary one)")
+    ap.add_argument("--db", help="database: a SQLite file to create (default: a temporary one), 'postgresql' "
+                                 "for a throwaway PostgreSQL cluster, or an empty database's SQLAlchemy URL")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args(argv)
 
     tmp = tempfile.TemporaryDirectory()
-    db = Path(args.db or Path(tmp.name) / "load.db")
-    if db.exists():
-        raise SystemExit(f"{db} exists; give a new path")
+    with contextlib.ExitStack() as stack:
+        if args.db == "postgresql":
+            from pg_cluster import throwaway_cluster
+
+            db: str | Path = stack.enter_context(throwaway_cluster()).new_database("label_load")
+        elif args.db and "://" in args.db:
+            db = args.db
+        else:
+            db = Path(args.db or Path(tmp.name) / "load.db")
+            if db.exists():
+                raise SystemExit(f"{db} exists; give a new path")
+        code = _run(args, db)
+    tmp.cleanup()
+    return code
+
+
+def _run(args, db: str | Path) -> int:
     t0 = time.perf_counter()
     tokens = make_db(db, args.annotators, args.items)
     print(f"database: {args.items} items, {args.annotators} annotators ({time.perf_counter() - t0:.1f} s to build)")
@@ -224,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     check = check_exactly_once(db, result)
     ms = lambda xs, q: round(1000 * percentile(xs, q), 1)  # noqa: E731
     figures = {
-        "annotators": args.annotators, "seconds": round(result.elapsed, 1), "cpus": os.cpu_count(),
+        "backend": "sqlite" if isinstance(db, Path) else "postgresql", "annotators": args.annotators,
+        "seconds": round(result.elapsed, 1), "cpus": os.cpu_count(),
         "answers_acknowledged": result.answers_acked, "undos_acknowledged": result.undos_acked,
         "answers_per_second": round(result.answers_acked / result.elapsed, 1),
         "answer_latency_ms": {"p50": ms(result.answer_latency, 50), "p95": ms(result.answer_latency, 95),
@@ -240,7 +260,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
     ok = not (check["missing"] or check["doubled"] or check["unexplained"] or check["changed"] or result.unknown)
     print("exactly once: OK" if ok else "exactly once: FAILED")
-    tmp.cleanup()
     return 0 if ok else 1
 
 

@@ -41,3 +41,35 @@ def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick_demo") / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster on loopback for the session (bench/pg_cluster.py).
+    Skipped where the server is not installed, unless HEED_REQUIRE_POSTGRES=1 (as `.ci/run` sets)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from pg_cluster import server_binaries, throwaway_cluster
+
+    missing = ("PostgreSQL's server" if server_binaries() is None else
+               "the psycopg driver" if importlib.util.find_spec("psycopg") is None else None)
+    if missing:
+        message = f"{missing} is not installed (.ci/run installs it)"
+        if os.environ.get("HEED_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    with throwaway_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A new, empty feedback database: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "labels.db")
+    import uuid
+
+    return request.getfixturevalue("pg_cluster").new_database("t" + uuid.uuid4().hex[:16])

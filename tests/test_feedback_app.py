@@ -15,9 +15,10 @@ EVIL = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
 
 
 @pytest.fixture
-def env(tmp_path):
+def env(tmp_path, db_url):
+    """The app over a store on SQLite, then on PostgreSQL (tests/conftest.py)."""
     Image.new("RGB", (4, 4), "red").save(tmp_path / "clip.png")
-    store = Store(tmp_path / "labels.db")
+    store = Store(db_url)
     store.add_items([
         {"id": "evil", "prompt": "Say <b>hi</b>", "overlap": 2,
          "responses": [EVIL, "Fine.\n\n```\nif a < b:\n    x\n```"]},
@@ -306,8 +307,8 @@ def test_logout_and_a_new_token_end_the_session(env, tmp_path):
     # a new token ends every session of that annotator, on every browser
     first, second = client_for(app, tokens["ann"]), client_for(app, tokens["ann"])
     assert 'data-kind="pair"' in first.get("/").text
-    assert cli.main(["label", "user", "add", "--db", str(tmp_path / "labels.db"), "--name", "ann",
-                     "--reset-token"]) == 0
+    assert cli.main(["label", "user", "add", "--db", env[0].engine.url.render_as_string(hide_password=False),
+                     "--name", "ann", "--reset-token"]) == 0
     for browser in (first, second):
         assert browser.get("/").headers["location"] == "/login"
     assert client(app).get("/api/next", headers={"Authorization": f"Bearer {tokens['ann']}"}).status_code == 401

@@ -17,8 +17,9 @@ ANSWER_KEYS = {"item_id", "annotator", "kind", "choice", "ranking", "label", "sc
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "labels.db")
+def store(db_url):
+    """Every store test runs on SQLite and on a real PostgreSQL (tests/conftest.py)."""
+    s = Store(db_url)
     yield s
     s.close()
 
@@ -181,11 +182,13 @@ def test_tokens(store):
     assert store.authenticate(token) is None and store.authenticate(new).name == "ann"
     with pytest.raises(HeedError, match="annotator name"):
         store.add_user("bad name")
-    assert new.encode() not in Path(store.engine.url.database).read_bytes()  # only its hash is stored
+    if store.is_sqlite:
+        assert new.encode() not in Path(store.engine.url.database).read_bytes()  # only its hash is stored
 
 
-def test_concurrent_annotators_answer_each_item_exactly_once(store):
-    store.add_items(pairs(120))
+@pytest.mark.parametrize("overlap", [1, 3])
+def test_concurrent_annotators_answer_each_item_exactly_once(store, overlap):
+    store.add_items(pairs(120 // overlap, overlap=overlap))
     acked, errors = [], []
 
     def work(who):
@@ -203,7 +206,9 @@ def test_concurrent_annotators_answer_each_item_exactly_once(store):
     assert not errors
     stored = [(a["item_id"], a["annotator"], a["choice"]) for a in store.answers()]
     assert sorted(stored) == sorted(acked)
-    assert sorted(a[0] for a in stored) == sorted(f"i{k}" for k in range(120))  # overlap 1: once each
+    # each item exactly `overlap` times, by different people: claims never overshoot it
+    assert sorted(a[0] for a in stored) == sorted(f"i{k}" for k in range(120 // overlap) for _ in range(overlap))
+    assert len(set(stored)) == len(stored)
 
 
 def test_active_selection_serves_the_most_disagreed_items_first(store):
@@ -237,7 +242,8 @@ def test_active_selection_serves_the_most_disagreed_items_first(store):
 
 
 def test_the_schema_and_queries_compile_for_postgresql():
-    """No PostgreSQL server here; check the DDL and the per-request statements render for it."""
+    """The DDL and the per-request statements as PostgreSQL gets them (the tests above also run
+    them on a real server)."""
     from sqlalchemy import create_mock_engine
     from sqlalchemy.dialects import postgresql
 
@@ -248,5 +254,6 @@ def test_the_schema_and_queries_compile_for_postgresql():
                                 lambda sql, *a, **k: ddl.append(str(sql.compile(dialect=engine.dialect))))
     st.metadata.create_all(engine, checkfirst=False)
     assert any("CREATE INDEX ix_items_open" in d and "WHERE done < overlap" in d for d in ddl)
-    for stmt in (st._NEXT, st._CLAIM, st._USER, st._COUNT_DONE, st._ANSWERED):
+    for stmt in (st._NEXT, st._CLAIM, st._USER, st._COUNT_DONE, st._ANSWERED, st._STILL_OPEN):
         assert "%(" in str(stmt.compile(dialect=postgresql.dialect()))
+    assert str(st._NEXT.compile(dialect=postgresql.dialect())).endswith("FOR UPDATE OF items SKIP LOCKED")

@@ -21,8 +21,11 @@ Tables:
                 never goes into a cookie
     settings    the server's CSRF secret, so forms stay valid across restarts
 
-Every write is its own transaction (SQLite: `BEGIN IMMEDIATE`, so two writers
-never race on a stale snapshot). Answers are kept in original-response terms:
+Every write is its own transaction. SQLite: `BEGIN IMMEDIATE` and one writer at a
+time, so two writers never race on a stale snapshot. PostgreSQL: row locks, so many
+annotators work at once: claiming an item locks its row (`FOR UPDATE SKIP LOCKED`:
+an item being claimed by someone else is passed over, not waited for) and re-checks
+its overlap under that lock; answers are guarded by the unique constraint. Answers are kept in original-response terms:
 the displayed order is stored beside them and the mapping is done here, once.
 """
 
@@ -37,7 +40,7 @@ import re
 import secrets
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -174,7 +177,17 @@ _NEXT = (select(items)
                 items.c.done + select(func.count()).select_from(claims)
                 .where(claims.c.item_id == items.c.id, claims.c.expires_at > P("now")).scalar_subquery()
                 < items.c.overlap)
-         .order_by(items.c.priority.desc(), items.c.seq).limit(1))
+         .order_by(items.c.priority.desc(), items.c.seq).limit(1)
+         # PostgreSQL: an item another annotator is claiming right now is passed over, not waited
+         # for (row locks, not a whole-database lock); SQLite has no such clause and needs none
+         .with_for_update(of=items, skip_locked=True))
+# Re-checked once the item's row is locked: a new statement sees every claim committed before
+# it, and any other claim of this item waits for that lock, so an item's overlap is never overshot.
+_STILL_OPEN = (select(items.c.id)
+               .where(items.c.id == P("iid"),
+                      items.c.done + select(func.count()).select_from(claims)
+                      .where(claims.c.item_id == items.c.id, claims.c.expires_at > P("now")).scalar_subquery()
+                      < items.c.overlap))
 
 
 class AnswerError(Exception):
@@ -316,6 +329,8 @@ def _make_engine(url_or_path: str | Path):
         path = Path(url).expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{path}"
+    if url.startswith(("postgresql://", "postgres://")):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]  # the driver heed installs (psycopg 3)
     if not url.startswith("sqlite"):
         return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True), False
     engine = create_engine(url, pool_size=10, max_overflow=20,
@@ -351,12 +366,13 @@ class Store:
 
     def __init__(self, url_or_path: str | Path, *, claim_seconds: float = CLAIM_SECONDS,
                  fast_seconds: float = FAST_SECONDS):
-        self.url = str(url_or_path)
         self.engine, self.is_sqlite = _make_engine(url_or_path)
+        self.name = self.engine.url.render_as_string(hide_password=True)  # for messages
         self.claim_seconds, self.fast_seconds = claim_seconds, fast_seconds
-        # One writer at a time inside this process: threads queue here instead of
-        # spinning in SQLite's busy handler. Other processes still wait on the file lock.
-        self._lock = threading.Lock()
+        # SQLite: one writer at a time inside this process, so threads queue here instead
+        # of spinning in SQLite's busy handler (other processes still wait on the file lock).
+        # PostgreSQL locks rows, not the database: no lock here.
+        self._lock: Any = threading.Lock() if self.is_sqlite else nullcontext()
         self._rng = random.SystemRandom()
         metadata.create_all(self.engine)
         self._add_missing_columns()
@@ -397,7 +413,7 @@ class Store:
                 handle.seek(0)
                 other = handle.read().strip() or "another process"
                 handle.close()
-                raise HeedError(f"{self.url} is already being served ({other}); one server per database") from None
+                raise HeedError(f"{self.name} is already being served ({other}); one server per database") from None
             handle.seek(0)
             handle.truncate()
             handle.write(f"pid {os.getpid()}")
@@ -409,7 +425,7 @@ class Store:
             conn.commit()
             if not got:
                 conn.close()
-                raise HeedError(f"{self.url} is already being served by another heed label serve; "
+                raise HeedError(f"{self.name} is already being served by another heed label serve; "
                                 "one server per database")
             self._serve_lock = conn
 
@@ -584,6 +600,12 @@ class Store:
         return self._claim_next(annotator, render=True)
 
     def _claim_next(self, annotator: str, *, render: bool):
+        try:
+            return self._claim_next_once(annotator, render=render)
+        except IntegrityError:  # PostgreSQL: the same annotator's other request claimed first
+            return self._claim_next_once(annotator, render=render)
+
+    def _claim_next_once(self, annotator: str, *, render: bool):
         now = time.time()
         who = {"who": annotator}
         showing = secrets.token_hex(8) if render else None
@@ -597,9 +619,15 @@ class Store:
                     return _item_dict(row), json.loads(claim.displayed_order), showing or claim.showing
             if claim is not None:
                 conn.execute(_DROP_CLAIM, who)
-            row = conn.execute(_NEXT, {**who, "now": now}).first()
-            if row is None:
-                return None
+            passed: list[str] = []
+            while True:
+                query = _NEXT if not passed else _NEXT.where(items.c.id.not_in(passed))
+                row = conn.execute(query, {**who, "now": now}).first()
+                if row is None:
+                    return None
+                if conn.execute(_STILL_OPEN, {"iid": row.id, "now": now}).first() is not None:
+                    break
+                passed.append(row.id)  # filled by a claim committed since the query began
             item = _item_dict(row)
             order = list(range(len(item["responses"])))
             self._rng.shuffle(order)  # sides randomised per item and per annotator
@@ -659,7 +687,8 @@ class Store:
                                 .order_by(answers.c.id.desc()).limit(1)).first()
             if last is None:
                 return None
-            conn.execute(delete(answers).where(answers.c.id == last.id))
+            if conn.execute(delete(answers).where(answers.c.id == last.id)).rowcount != 1:
+                return None  # a concurrent undo (PostgreSQL) withdrew it first
             if last.choice != "skip":
                 conn.execute(_COUNT_DONE, {"iid": last.item_id, "delta": -1})
             conn.execute(_DROP_CLAIM, {"who": annotator})
