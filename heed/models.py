@@ -614,8 +614,9 @@ def collate_lm(examples: list[LMExample], pad_id: int) -> dict[str, torch.Tensor
 
 def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of next-token negative log-likelihoods over labelled tokens, number of such tokens)."""
+    # no cache: with one, transformers would not read packed rows' restarting positions as a mask
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids")).logits
+                   position_ids=batch.get("position_ids"), use_cache=False).logits
     targets = batch["labels"][:, 1:]
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                             ignore_index=-100, reduction="sum")

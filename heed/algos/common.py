@@ -89,7 +89,8 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig):
     to require gradients (peft's `enable_input_require_grads`), as the embeddings are frozen."""
     model.to(weight_dtype(cfg))
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # (transformers 5's name for gradient_checkpointing_enable, which it deprecates)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
         if is_peft(model):
             raise HeedError("the model has a LoRA adapter already")
