@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 from heed.config import option
 from heed.data import FieldError, get_number, get_prompt, get_str, read_rows, write_jsonl
-from heed.models import load_tokenizer
-from heed.template import format_prompt, prompt_key
+from heed.models import load_tokenizer, render_prompt
+from heed.template import prompt_key
 from heed.utils import HeedError
 
 SELECTIONS = ("best-worst", "best-random", "random-pair")
@@ -110,7 +110,8 @@ def read_scored(path: str | Path, column: str, skip_invalid: bool = False) -> li
 
 def token_length(tokenizer) -> Callable[[object], int]:
     def length(x) -> int:
-        return len(tokenizer(format_prompt(x) if not isinstance(x, str) else x, add_special_tokens=False)["input_ids"])
+        text = render_prompt(tokenizer, x) if not isinstance(x, str) else x  # the model's own chat template
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
     return length
 
 

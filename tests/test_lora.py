@@ -181,3 +181,39 @@ def test_a_killed_lora_run_resumes_where_it_stopped(tiny_base, world_dir, tmp_pa
     last = {d: json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[-1])
             for d in ("straight", "resumed")}
     assert last["resumed"]["step"] == last["straight"]["step"] == 5
+
+
+def test_grpo_rebel_and_the_reward_model_train_adapters_too(tiny_base, world_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from heed.algos.grpo import GroupTrainer, GRPOConfig
+    from heed.algos.rebel import REBELConfig, run as run_rebel
+    from heed.algos.reward import RewardTrainConfig, train as train_rm
+
+    prompts = str(world_dir / "prompts_train.jsonl")
+    grpo = GroupTrainer(GRPOConfig(policy=str(tiny_base), prompts=prompts, reward=["-"], out=str(tmp_path / "grpo"),
+                                   steps=2, prompts_per_iteration=4, n=2, mini_batch_size=8, micro_batch_size=4,
+                                   max_new_tokens=12, lr=1e-2, lora_r=4, gradient_checkpointing=True),
+                        reward_fn=brevity, prompts=read_prompts(prompts))
+    assert grpo.reference.adapter_off
+    before = base_weights(grpo.policy)
+    grpo.train()
+    assert_same_weights(before, base_weights(grpo.policy))
+    adapter = load_file(str(tmp_path / "grpo" / "adapter_model.safetensors"))
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in adapter.items() if "lora_B" in k)
+
+    rows = [{**p, "chosen_reward": 1.0, "rejected_reward": -1.0} for p in short_long_pairs(world_dir, 16)]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    run_rebel(REBELConfig(policy=str(tiny_base), data=str(tmp_path / "pairs.jsonl"), out=str(tmp_path / "rebel"),
+                          batch_size=8, micro_batch_size=8, lr=1e-2, lora_r=4))
+    assert (tmp_path / "rebel" / "adapter_config.json").exists()
+
+    train_rm(RewardTrainConfig(model=str(tiny_base), data=[str(tmp_path / "pairs.jsonl")], out=str(tmp_path / "rm"),
+                               epochs=1.0, batch_size=8, micro_batch_size=8, norm_samples=0, lora_r=4, lr=1e-2))
+    member = tmp_path / "rm" / "member_0"  # a member trained with LoRA is saved merged: whole weights
+    assert (member / "config.json").exists() and not (member / "adapter_config.json").exists()
+    trunk = load_file(str(member / "model.safetensors"))
+    base = load_file(str(tiny_base / "model.safetensors"))
+    q = "layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trunk[q], base["model." + q])  # the adapter's update is in the weights
+    assert torch.equal(trunk["embed_tokens.weight"], base["model.embed_tokens.weight"])  # LoRA left these
