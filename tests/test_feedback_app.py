@@ -1,5 +1,6 @@
 """The web app through its HTTP interface: access, CSRF, escaping, limits, forms, admin, export, CLI."""
 
+import html
 import json
 import re
 
@@ -60,7 +61,7 @@ def csrf_of(html: str) -> str:
 
 def form_of(page: str) -> dict:
     """The hidden fields a labelling page's form sends back."""
-    return {name: re.search(rf'name="{name}" value="([^"]+)"', page).group(1)
+    return {name: html.unescape(re.search(rf'name="{name}" value="([^"]+)"', page).group(1))
             for name in ("csrf", "item_id", "showing")}
 
 

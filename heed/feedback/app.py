@@ -167,7 +167,9 @@ def visible(text: str) -> Markup:
 
 
 def render_markdown(text: str) -> str:
-    """Guidelines as HTML. Raw HTML in the Markdown is escaped, not passed through."""
+    """Guidelines as HTML. Raw HTML in the Markdown is escaped, not passed through, and hidden
+    characters are written out (⟨U+202E⟩), as in model output."""
+    text = _hidden_characters().sub(lambda m: f"⟨U+{ord(m.group()):04X}⟩", text)
     try:
         from markdown_it import MarkdownIt
     except ImportError:  # markdown-it-py is optional: show the file as text
@@ -215,12 +217,6 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.allowed is not None:
-            host = host_name(dict(scope["headers"]).get(b"host", b"").decode("latin-1"))
-            if host not in self.allowed:
-                log.warning("refused a request for Host %r from %s", host, (scope.get("client") or ["?"])[0])
-                return await self._answer(send, 400, f"unknown Host {host!r}: this server answers to "
-                                          + ", ".join(sorted(self.allowed)) + " (see --allowed-hosts)")
         started = False
         static = scope["path"].startswith("/static/")
 
@@ -236,8 +232,17 @@ class Guard:
                 message = {**message, "headers": headers}
             await send(message)
 
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+        headers = dict(scope["headers"])
+        if self.allowed is not None:
+            host = host_name(headers.get(b"host", b"").decode("latin-1"))
+            if host not in self.allowed:
+                log.warning("refused a request for Host %r from %s", host, (scope.get("client") or ["?"])[0])
+                return await self._answer(send_with_headers, 400, f"unknown Host {host!r}: this server answers "
+                                          "to " + ", ".join(sorted(self.allowed)) + " (see --allowed-hosts)")
+        length = headers.get(b"content-length")
+        if length is not None and not length.isdigit():
+            return await self._answer(send_with_headers, 400, "malformed Content-Length")
+        if length is not None and int(length) > self.max_body:
             return await self._answer(send_with_headers, 413, f"request body over {self.max_body} bytes")
         received = 0
 
@@ -489,20 +494,20 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
     def form_answer(form) -> tuple[dict, str | None]:
         """Browser form fields -> (the displayed-position answer `Store.submit` takes, what is
         wrong with the ranks if anything)."""
+        def small_int(value) -> int | None:  # "1".."999"; anything else is no number at all
+            return int(value) if isinstance(value, str) and value.isdecimal() and len(value) <= 3 else None
+
         answer: dict[str, Any] = {"choice": form.get("choice"), "label": form.get("label"),
                                   "comment": form.get("comment")}
-        score = form.get("score")
-        if isinstance(score, str) and score.isdigit():
-            answer["score"] = int(score)
+        if (score := small_int(form.get("score"))) is not None:
+            answer["score"] = score
         ranks = {}
         for pos in range(MAX_RESPONSES):
-            value = form.get(f"rank_{pos}")
-            if isinstance(value, str) and value.isdigit():
-                ranks[pos] = int(value)
+            if (rank := small_int(form.get(f"rank_{pos}"))) is not None:
+                ranks[pos] = rank
         problem = None
         if ranks:
-            n = form.get("n")  # how many were shown: only for the message, map_answer checks the rest
-            n_shown = int(n) if isinstance(n, str) and n.isdigit() else len(ranks)
+            n_shown = small_int(form.get("n")) or len(ranks)  # only for the message; map_answer checks
             problem = rank_problem(ranks, n_shown)
             # rank values must be 1..K, each once; otherwise map_answer refuses it
             answer["ranking"] = (None if problem else
@@ -553,7 +558,7 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
     @app.get("/media/{seq}/{k}")
     def media(request: Request, seq: int, k: int):
         user_for(request)
-        item = store.get_item(seq=seq)
+        item = store.get_item(seq=seq) if 0 < seq < 2**62 else None  # beyond a database integer: none
         # Only files named by an item are served: the path comes from the database, never the URL.
         if item is None or not 0 <= k < len(item["responses"]) or isinstance(item["responses"][k], str):
             raise Refused(404, "no such media")
@@ -601,7 +606,7 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
     @app.get("/admin/items/{seq}")
     def admin_item(request: Request, seq: int):
         user, credential = user_for(request, admin=True)
-        item = store.get_item(seq=seq)
+        item = store.get_item(seq=seq) if 0 < seq < 2**62 else None
         if item is None:
             raise Refused(404, "no such item")
         ctx = {"user": user, "csrf": csrf_for(credential), "has_guidelines": guidelines_html is not None,
@@ -639,7 +644,7 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
     async def json_body(request: Request) -> dict:
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
             raise Refused(400, "the body must be a JSON object") from None
         if not isinstance(body, dict):
             raise Refused(400, "the body must be a JSON object")
