@@ -26,8 +26,8 @@ captured = {}
 load_policy = dpo.load_policy
 
 
-def capture(path):  # the policy object run() trains, to read its weights on every rank
-    model, tok = load_policy(path)
+def capture(path, **kwargs):  # the policy object run() trains, to read its weights on every rank
+    model, tok = load_policy(path, **kwargs)
     captured.setdefault("policy", model)
     return model, tok
 

@@ -47,6 +47,10 @@ class TrainConfig:
     micro_batch_size: int = option(32, "sequences per forward pass (at most), per process; a batch runs in "
                                                 "micro-batches of similar length, gradients accumulated")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
+    skip_nonfinite: int = option(0, "batches whose loss, gradient norm or rewards are NaN or inf that may be "
+                                    "skipped (no update; counted as train/nonfinite_skipped); past that the "
+                                    "stage stops, naming the step, the value and the batch's prompts, with the "
+                                    "last good checkpoint kept")
     save_every: int = option(100, "checkpoint every N steps (a killed run resumes from the last)")
     bf16: bool = option(False, "bf16 autocast: for GPUs, and CPUs with AMX on models of ~10M parameters and up "
                                "(docs/performance.md)")
@@ -185,6 +189,23 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
 
 
+def short_text(prompt, limit: int = 80) -> str:
+    """A prompt (text or chat messages) cut to `limit` characters, for messages."""
+    text = prompt if isinstance(prompt, str) else " | ".join(str(m.get("content", m)) if isinstance(m, dict)
+                                                             else str(m) for m in prompt)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def prompts_of(rows: Sequence) -> list:
+    """The prompts of a batch's rows (pairs, rankings, demonstrations, dicts), where they have one."""
+    out = []
+    for row in rows:
+        prompt = row.get("prompt") if isinstance(row, dict) else getattr(row, "prompt", None)
+        if prompt is not None:
+            out.append(prompt)
+    return out
+
+
 def global_batch(rows: list, step: int, batch_size: int, *, seed: int) -> list:
     """The rows of optimiser step `step`: consecutive slices of a seeded shuffle, reshuffled
     each pass. The order depends only on `seed` and `step`, so every process (each then
@@ -252,6 +273,32 @@ class Learner:
         self.logger = MetricsLogger(log_dir or self.run_dir, enabled=self.accelerator.is_main_process)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
+        self.nonfinite = 0  # batches skipped for a NaN or inf in this run (--skip-nonfinite)
+
+    def finite(self, what: str, value, *, where: str, prompts: Sequence = ()) -> bool:
+        """Whether `value` (a number or tensor) is finite on every process. If not: with
+        --skip-nonfinite budget left, count it and return False (the caller skips the batch);
+        otherwise stop with a HeedError naming `where`, `what`, the value and a few of the
+        batch's `prompts`. Nothing is saved on the way: the last checkpoint stays as it was."""
+        values = torch.as_tensor(value, dtype=torch.float32).detach().flatten().cpu()
+        bad = ~torch.isfinite(values)
+        flag = torch.tensor(float(bad.any()), device=self.accelerator.device)
+        if self.world > 1:  # every process skips, or none: they must stay in step
+            flag = self.accelerator.reduce(flag, "sum")
+        if not flag.item():
+            return True
+        if self.nonfinite < self.cfg.skip_nonfinite:
+            self.nonfinite += 1
+            self.accelerator.print(f"{where}: {what} is not finite; batch skipped "
+                                   f"({self.nonfinite} of --skip-nonfinite {self.cfg.skip_nonfinite})")
+            return False
+        shown = (f"{float(values[bad][0])} ({int(bad.sum())} of {values.numel()} values)" if bad.any()
+                 else "not finite on another process")
+        examples = "; ".join(repr(short_text(p)) for p in list(prompts)[:3]) or "(no prompts: plain text)"
+        kept = (f"the last good checkpoint, {self.checkpointer.dir}, is kept and a rerun resumes from it"
+                if (self.checkpointer.dir / "trainer_state.json").exists() else "no checkpoint was saved before it")
+        raise HeedError(f"{where}: {what} is {shown}; the batch's prompts include {examples}; {kept}. "
+                        "Pass --skip-nonfinite N to skip up to N such batches")
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -261,20 +308,28 @@ class Learner:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def step(self, chunks: Sequence, loss: Callable[[Any], torch.Tensor]) -> float:
+    def step(self, chunks: Sequence, loss: Callable[[Any], torch.Tensor], *, where: str = "a training step",
+             prompts: Sequence = ()) -> float | None:
         """One optimiser step over micro-batches: for each chunk, `loss(chunk)` (under autocast)
         and its backward, gradients accumulated and synchronised across processes on the last
         chunk only; then clipping to cfg.max_grad_norm, the optimiser and schedule steps.
         `loss` returns the chunk's share of the step's loss (see `global_mean`). Returns the
-        gradient norm before clipping."""
+        gradient norm before clipping; None when the loss or the gradient norm was NaN or inf
+        and the batch was skipped (see `finite`: `where` and `prompts` name it), with no update."""
         acc = self.accelerator
+        values = []
         for j, chunk in enumerate(chunks):
             with nullcontext() if j == len(chunks) - 1 else acc.no_sync(self.model):
                 with acc.autocast():
                     value = loss(chunk)
+                values.append(value.detach().float().reshape(()))
                 acc.backward(value)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        if not (self.finite("the loss", torch.stack(values), where=where, prompts=prompts)
+                and self.finite("the gradient norm", grad_norm, where=where, prompts=prompts)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -339,25 +394,31 @@ def train_offline(model: torch.nn.Module, rows: Sequence, cfg: OfflineConfig, to
         batch = global_batch(rows, step, cfg.batch_size, seed=data_seed)
         n = count(batch)  # global: identical on every process
         totals: list[torch.Tensor] = []
+        step_stats: dict[str, list[float]] = {}
 
         def chunk_loss(chunk: list) -> torch.Tensor:
             total, stats = loss(learner.model, chunk)
             totals.append(total.detach().float())
             for k, v in stats.items():
-                window.setdefault(k, []).extend(v.detach().float().flatten().tolist())
+                step_stats.setdefault(k, []).extend(v.detach().float().flatten().tolist())
             return global_mean(total, n, learner.world)
 
         share = batch[learner.rank::learner.world]
         chunks = micro_batches(share, cfg.micro_batch_size, [length(r) for r in share] if length else None)
-        grad_norm = learner.step(chunks, chunk_loss)
-        local = torch.stack(totals).sum().to(learner.accelerator.device)
-        window.setdefault("train/loss", []).append(float(learner.accelerator.reduce(local, "sum")) / max(1, n))
-        window.setdefault("train/grad_norm", []).append(grad_norm)
+        grad_norm = learner.step(chunks, chunk_loss, where=f"{stage} step {step + 1}", prompts=prompts_of(share))
+        if grad_norm is not None:  # None: a NaN or inf batch, skipped (--skip-nonfinite)
+            local = torch.stack(totals).sum().to(learner.accelerator.device)
+            window.setdefault("train/loss", []).append(float(learner.accelerator.reduce(local, "sum")) / max(1, n))
+            window.setdefault("train/grad_norm", []).append(grad_norm)
+            for k, v in step_stats.items():
+                window.setdefault(k, []).extend(v)
         done_steps = step + 1
         last = done_steps == total_steps
         evaluating = evaluate is not None and (done_steps % cfg.eval_every == 0 or last)
         if done_steps % cfg.log_every == 0 or last or evaluating:
             metrics = {**(tags or {}), **mean_stats(window), "train/lr": learner.lr}
+            if learner.nonfinite:
+                metrics["train/nonfinite_skipped"] = learner.nonfinite
             window = {}
             if evaluating and learner.is_main:
                 metrics.update(evaluate(learner.unwrapped))

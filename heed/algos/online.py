@@ -22,6 +22,7 @@ logged as monitor/score and never optimised.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,9 +225,15 @@ class OnlineTrainer:
         return F.pad(shared, (batch.prompt_len, 0))
 
     # -- 2. score ------------------------------------------------------------------------------
-    def score(self, exp: Rollout) -> tuple[torch.Tensor, dict]:
+    def score(self, exp: Rollout) -> tuple[torch.Tensor | None, dict]:
+        """(shaped scores, metrics); (None, {}) when a reward is NaN or inf and the iteration is
+        skipped (--skip-nonfinite; otherwise the stage stops, naming the prompts)."""
         acc = self.learner.accelerator
         raw = torch.tensor(self.reward_fn(exp.prompts, exp.texts), dtype=torch.float32, device=acc.device)
+        bad = [p for p, r in zip(exp.prompts, raw.tolist()) if not math.isfinite(r)]
+        if not self.learner.finite("the reward", raw, where=f"{self.name} iteration {self.iteration + 1}",
+                                   prompts=bad):
+            return None, {}
         scores, self.norm = shape_scores(raw, exp.finished, self.norm, self.cfg, acc)
         return scores, {"reward/raw": float(raw.mean()), "reward/score": float(scores.mean()),
                         "reward/score_std": float(scores.std()) if len(scores) > 1 else 0.0}
@@ -257,8 +264,11 @@ class OnlineTrainer:
             for mb in micro_batches(groups, max(1, cfg.mini_batch_size // K)):
                 chunks = [[g * K + k for g in part for k in range(K)]
                           for part in micro_batches(mb, max(1, cfg.micro_batch_size // K), [width[g] for g in mb])]
-                grad_norm = learner.step(chunks, lambda rows: micro_loss(rows, len(mb) * K))
-                stats.setdefault("train/grad_norm", []).append(grad_norm)
+                grad_norm = learner.step(chunks, lambda rows: micro_loss(rows, len(mb) * K),
+                                         where=f"{self.name} iteration {self.iteration + 1}",
+                                         prompts=[exp.prompts[g * K] for g in mb])
+                if grad_norm is not None:  # None: skipped for a NaN or inf (--skip-nonfinite)
+                    stats.setdefault("train/grad_norm", []).append(grad_norm)
         return stats
 
     # -- the whole loop ------------------------------------------------------------------------
@@ -281,11 +291,17 @@ class OnlineTrainer:
             exp = self.rollout([self.prompts[i] for i in pick], generator)       # 1.
             t_rollout = time.time() - t0
             exp.scores, score_metrics = self.score(exp)                           # 2.
+            if exp.scores is None:  # a NaN or inf reward, skipped: no update this iteration
+                self.iteration = it + 1
+                learner.logger.log(self.iteration, **{"train/nonfinite_skipped": learner.nonfinite})
+                continue
             metrics = self.optimize(exp, generator)                               # 3.
             metrics.update(score_metrics)
             metrics["response/ended"] = float(exp.finished.float().mean())
             metrics["perf/rollout_tokens_per_s"] = float(exp.mask.sum()) / max(t_rollout, 1e-9)
             metrics["perf/iteration_s"] = time.time() - t0
+            if learner.nonfinite:
+                metrics["train/nonfinite_skipped"] = learner.nonfinite
             if self.monitor is not None:  # for the record only: the trainer never optimises it
                 metrics["monitor/score"] = sum(self.monitor(exp.prompts, exp.texts)) / len(exp.texts)
             self.iteration = it + 1

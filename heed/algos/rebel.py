@@ -146,7 +146,11 @@ class REBELTrainer:
                 share = idx[learner.rank::learner.world]
                 chunks = micro_batches(share, cfg.micro_batch_size, [
                     shared_width(prompts[i], [pairs[i]["chosen"], pairs[i]["rejected"]]) for i in share])
-                stats["train/grad_norm"].append(learner.step(chunks, lambda chunk: loss(chunk, len(idx))))
+                grad_norm = learner.step(chunks, lambda chunk: loss(chunk, len(idx)),
+                                         where=f"rebel iteration {self.iteration + 1}",
+                                         prompts=[prompts[i] for i in share])
+                if grad_norm is not None:  # None: skipped for a NaN or inf (--skip-nonfinite)
+                    stats["train/grad_norm"].append(grad_norm)
         metrics = mean_stats(stats)
         metrics.update({"rebel/reward_diff": float((reward_a - reward_b).mean()), "rebel/pairs": len(pairs),
                         "train/lr": learner.lr})
@@ -161,6 +165,10 @@ class REBELTrainer:
                  "n_tokens": len(s.response_ids), "sample": s.index} for s in samples]
         texts = ([r["prompt"] for r in rows], [r["response"] for r in rows])
         rewards = self.reward_fn(*texts)
+        bad = [r["prompt"] for r, x in zip(rows, rewards) if not math.isfinite(float(x))]
+        if not self.learner.finite("the reward", torch.tensor([float(x) for x in rewards]),
+                                   where=f"rebel iteration {self.iteration + 1}", prompts=bad):
+            return [], {"reward/mean": math.nan, "train/nonfinite_skipped": self.learner.nonfinite}
         scored = [{**r, "reward": float(x)} for r, x in zip(rows, rewards)]
         pairs, stats = filter_rows(scored, max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
                                    length=token_length(self.tokenizer), drop_unfinished=cfg.drop_unfinished,
