@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import MISSING, field
@@ -37,36 +38,73 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+class _BadValue(Exception):
+    """What is wrong with one field's value (build says where)."""
+
+
 def _parse_value(name: str, tp: Any, raw: Any) -> Any:
     """Convert a CLI string or YAML value to the field's type, with a clear error."""
     base, optional = _base_type(tp)
     if raw is None or (optional and isinstance(raw, str) and raw.lower() in ("none", "null", "")):
         if optional:
             return None
-        raise HeedError(f"config field '{name}' may not be empty")
-    origin = typing.get_origin(base)
-    try:
-        if origin is list:
-            (item,) = typing.get_args(base) or (str,)
-            if isinstance(raw, str):
-                raw = [p.strip() for p in raw.split(",") if p.strip()]
-            return [item(x) for x in raw]
-        if base is bool:
-            if isinstance(raw, bool):
-                return raw
-            if str(raw).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(raw).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if base is float and isinstance(raw, str):
-            return float(raw)
-        if base is int and isinstance(raw, float) and raw.is_integer():
-            return int(raw)
-        return base(raw)
-    except (TypeError, ValueError):
-        kind = getattr(base, "__name__", str(base))
-        raise HeedError(f"config field '{name}': expected {kind}, got {raw!r}") from None
+        raise _BadValue("may not be empty")
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base) or (str,)
+        if isinstance(raw, str):
+            raw = [p.strip() for p in raw.split(",") if p.strip()]
+        if not isinstance(raw, list):
+            raise _BadValue(f"expected a list of {item.__name__}, got {_show(raw)}")
+        return [_scalar(item, x) for x in raw]
+    return _scalar(base, raw)
+
+
+def _scalar(base: type, raw: Any) -> Any:
+    """One value of type bool, int, float or str, from a CLI string or a YAML scalar. Nothing is
+    bent to fit: 3.5 is not the int 3, true is not the number 1, a list is not a string."""
+    kind = getattr(base, "__name__", str(base))
+    if base is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, (str, int)) and str(raw).lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(raw, (str, int)) and str(raw).lower() in ("0", "false", "no", "off"):
+            return False
+    elif base is str:
+        if isinstance(raw, str):
+            return raw
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return str(raw)  # `out: 2024` in YAML
+    elif base in (int, float) and not isinstance(raw, bool):
+        if isinstance(raw, str):
+            try:
+                raw = base(raw.strip())
+            except ValueError:
+                raise _BadValue(f"expected {kind}, got {_show(raw)}") from None
+        if base is int and isinstance(raw, int):
+            return raw
+        if isinstance(raw, (int, float)):
+            try:
+                number = float(raw)
+            except OverflowError:
+                raise _BadValue(f"{_show(raw)} is too large") from None
+            if not math.isfinite(number):
+                raise _BadValue(f"expected a finite number, got {_show(raw)}")
+            if base is float:
+                return number
+            if number.is_integer():
+                return int(number)
+    elif base not in (int, float, bool, str):
+        try:
+            return base(raw)
+        except (TypeError, ValueError):
+            pass
+    raise _BadValue(f"expected {kind}, got {_show(raw)}")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -96,29 +134,106 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, metavar=metavar, **kwargs)
 
 
-def load_yaml(path: str | Path) -> dict:
+_CONSTRUCT_ERRORS = (ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError)
+
+
+def _construct(node: Any) -> Any:
+    """The Python value of a composed YAML node (None for an empty document), as safe_load gives."""
+    return None if node is None else yaml.SafeLoader("").construct_document(node)
+
+
+def _constructs(node: Any) -> bool:
+    try:
+        _construct(node)
+        return True
+    except (yaml.YAMLError, RecursionError, *_CONSTRUCT_ERRORS):
+        return False
+
+
+class YamlValues(dict):
+    """A config file's top-level mapping, remembering its file and each key's line."""
+
+    def __init__(self, data: dict, source: str, lines: dict):
+        super().__init__(data)
+        self.source, self.lines = source, lines
+
+
+def load_yaml(path: str | Path) -> YamlValues:
+    """A YAML config file's mapping of field: value; HeedError (file and line) for anything else."""
     path = Path(path)
     if not path.is_file():
         raise HeedError(f"{path}: config file not found")
+    data = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, start) + 1
+        raise HeedError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[start]:02x})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        value = _construct(node)
     except yaml.YAMLError as e:
         raise HeedError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
+    except RecursionError:
+        raise HeedError(f"{path}: not valid YAML: nested too deep") from None
+    except _CONSTRUCT_ERRORS as e:
+        # PyYAML's constructors raise these for scalars that look like what they are not
+        # (a date 2020-13-45, `!!float abc`); say which value did
+        line = next((v.start_mark.line + 1 for _, v in getattr(node, "value", ()) if not _constructs(v)), None)
+        where = f"{path}:{line}" if line else f"{path}"
+        raise HeedError(f"{where}: not valid YAML: {type(e).__name__}: {e}") from None
+    if value is None:
+        return YamlValues({}, str(path), {})
+    if not isinstance(value, dict) or not isinstance(node, yaml.MappingNode):
         raise HeedError(f"{path}: expected a mapping of field: value at the top level")
-    return data
+    lines: dict = {}
+    for key_node, _ in node.value:
+        line = key_node.start_mark.line + 1
+        try:
+            key = yaml.SafeLoader("").construct_object(key_node, deep=True)
+        except (yaml.YAMLError, RecursionError):  # a merge key (<<) and the like: no line to give
+            continue
+        if not isinstance(key, str):
+            raise HeedError(f"{path}:{line}: field names must be strings, got {_show(key)}")
+        if key in lines:
+            raise HeedError(f"{path}:{line}: field '{key}' set twice (also on line {lines[key]})")
+        lines[key] = line
+    for key in value:  # keys that came from a merge (<<: *anchor): the file's, without a line
+        if not isinstance(key, str):
+            raise HeedError(f"{path}: field names must be strings, got {_show(key)}")
+        lines.setdefault(key, None)
+    return YamlValues(value, str(path), lines)
 
 
-def build(cls: type, values: dict, source: str = "config") -> Any:
-    """Instantiate `cls` from a dict of raw values, checking names, types and required fields."""
+def build(cls: type, values: dict, source: str | None = None) -> Any:
+    """Instantiate `cls` from a dict of raw values, checking names, types, choices and required
+    fields. Values from `load_yaml` are reported with their file and line."""
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    lines = getattr(values, "lines", {})  # the keys from a file, and their lines
+    source = source or getattr(values, "source", None) or "config"
+    kwargs, given_as = {}, {}
     for key, raw in values.items():
+        where = f"{source}:{lines[key]}" if lines.get(key) else source
+        if not isinstance(key, str):
+            raise HeedError(f"{where}: field names must be strings, got {_show(key)}")
         name = key.replace("-", "_")
         if name not in known:
-            raise HeedError(f"{source}: unknown field '{key}' (known: {', '.join(sorted(known))})")
-        kwargs[name] = _parse_value(name, hints[name], raw)
+            raise HeedError(f"{where}: unknown field '{key}' (known: {', '.join(sorted(known))})")
+        if name in given_as:
+            raise HeedError(f"{where}: field '{key}' set twice (also as '{given_as[name]}')")
+        given_as[name] = key
+        try:
+            value = _parse_value(name, hints[name], raw)
+            choices = known[name].metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise _BadValue(f"expected one of {', '.join(map(str, choices))}, got {_show(raw)}")
+        except _BadValue as e:
+            if key in lines:
+                raise HeedError(f"{where}: field '{key}': {e}") from None
+            raise HeedError(f"config field '{name}': {e}") from None
+        kwargs[name] = value
     missing = [n for n, f in known.items()
                if n not in kwargs and f.default is MISSING and f.default_factory is MISSING]
     if missing:
@@ -129,15 +244,15 @@ def build(cls: type, values: dict, source: str = "config") -> Any:
 def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
     """Defaults < YAML (--config) < flags."""
     values = vars(ns).copy()
-    merged: dict = {}
+    merged: dict = YamlValues({}, "config", {})
     if "config" in values:
-        path = values.pop("config")
-        merged.update(load_yaml(path))
-        source = str(path)
-    else:
-        source = "config"
+        data = load_yaml(values.pop("config"))
+        flags = set(values)
+        # a flag wins over the file's value, whichever of field_name / field-name the file used
+        kept = {k: v for k, v in data.items() if not (isinstance(k, str) and k.replace("-", "_") in flags)}
+        merged = YamlValues(kept, data.source, {k: n for k, n in data.lines.items() if k in kept})
     merged.update(values)
-    return build(cls, merged, source)
+    return build(cls, merged)
 
 
 def save(cfg: Any, path: str | Path) -> None:

@@ -27,31 +27,84 @@ from heed.utils import HeedError
 # ---------------------------------------------------------------------------
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line_number, row) from a JSONL(.gz), Parquet file or saved HF dataset directory."""
+    """Yield (line_number, row) from a JSONL(.gz), Parquet file or saved HF dataset directory.
+
+    A JSONL line that is not a JSON value (bad JSON, bad UTF-8, nested too deep) is yielded
+    as a `RowError`, so it is reported with its line, or skipped and counted. A file that
+    cannot be read on (a corrupt or truncated gzip, a broken Parquet or Arrow file) raises
+    HeedError naming the file and the last line read: rows would be lost otherwise.
+    """
     path = Path(path)
     if not path.exists():
         raise HeedError(f"{path}: file not found")
     if path.is_dir():
         yield from _iter_arrow_dir(path)
-        return
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    elif path.suffix == ".parquet":
+        yield from _iter_parquet(path)
+    else:
+        yield from _iter_jsonl(path)
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield i, row
-        return
-    opener = gzip.open if path.suffix == ".gz" else open
+
+_JSON_SPACE = " \t\r\n"
+_BLANK = object()
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    import zlib
+
+    line = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield i, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield i, RowError(f"not valid JSON ({e.msg} at column {e.colno})")
-    except (OSError, UnicodeDecodeError) as e:
-        raise HeedError(f"{path}: cannot read ({e})") from None
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            # Bytes, split at b"\n" only: a stray "\r" inside a line is that line's problem, not a
+            # new line (text mode would split there and shift every later line number).
+            for line, raw in enumerate(f, start=1):
+                if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a UTF-8 byte-order mark
+                row = _parse_json_line(raw)
+                if row is not _BLANK:
+                    yield line, row
+    except (OSError, EOFError, zlib.error) as e:
+        where = f" after line {line}" if line else ""
+        what = "corrupt or truncated gzip" if path.suffix == ".gz" else "cannot read"
+        raise HeedError(f"{path}: {what}{where} ({e})") from None
+
+
+def _parse_json_line(raw: bytes) -> Any:
+    """A JSONL line's value, a RowError saying what is wrong with it, or _BLANK for a blank line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return RowError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)")
+    if not text.strip(_JSON_SPACE):
+        return _BLANK
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return RowError(f"not valid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return RowError("not valid JSON (nested too deep)")
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        return RowError("not valid JSON (an integer with too many digits)")
+
+
+def _arrow_errors() -> tuple:
+    import pyarrow as pa
+
+    return (pa.ArrowException, OSError, ValueError, OverflowError, TypeError, IndexError, KeyError)
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    n = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches():
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+    except _arrow_errors() as e:
+        where = f" after row {n}" if n else ""
+        raise HeedError(f"{path}: not a readable Parquet file{where} ({type(e).__name__}: {e})") from None
 
 
 def _iter_arrow_dir(path: Path) -> Iterator[tuple[int, Any]]:
@@ -60,21 +113,35 @@ def _iter_arrow_dir(path: Path) -> Iterator[tuple[int, Any]]:
 
     state = path / "state.json"
     if state.exists():
-        files = [path / f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
+        try:
+            entries = json.loads(state.read_bytes()).get("_data_files", [])
+            files = [path / f["filename"] for f in entries]
+        except (OSError, ValueError, RecursionError, AttributeError, TypeError, KeyError) as e:
+            raise HeedError(f"{state}: not a saved dataset's state.json ({type(e).__name__}: {e})") from None
     else:
         files = sorted(path.glob("*.arrow"))
     if not files:
         raise HeedError(f"{path}: a directory, but not a saved dataset (no .arrow files)")
     n = 0
     for file in files:
-        with pa.memory_map(str(file)) as src:
+        try:
+            with pa.memory_map(str(file)) as src:
+                try:
+                    table = pa.ipc.open_stream(src).read_all()
+                except pa.ArrowInvalid:
+                    src.seek(0)
+                    table = pa.ipc.open_file(src).read_all()
+            batches = table.to_batches()
+        except _arrow_errors() as e:
+            raise HeedError(f"{file}: not a readable Arrow file ({type(e).__name__}: {e})") from None
+        for batch in batches:
             try:
-                table = pa.ipc.open_stream(src).read_all()
-            except pa.ArrowInvalid:
-                table = pa.ipc.open_file(src).read_all()
-        for row in table.to_pylist():
-            n += 1
-            yield n, row
+                rows = batch.to_pylist()
+            except _arrow_errors() as e:
+                raise HeedError(f"{file}: not a readable Arrow file after row {n} ({type(e).__name__}: {e})") from None
+            for row in rows:
+                n += 1
+                yield n, row
 
 
 @dataclass
@@ -123,6 +190,23 @@ class FieldError(Exception):
         self.field, self.message = field, message
 
 
+def show(value: Any, limit: int = 60) -> str:
+    """repr(value) for an error message, cut short: a bad field may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def check_text(name: str, value: str) -> str:
+    """`value` (a str) unless it is not valid Unicode: a lone surrogate, which JSON's "\\ud800"
+    escapes can make, cannot be encoded, and would stop a tokenizer or a database mid-run."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FieldError(name, f"not valid Unicode (a lone surrogate {value[e.start]!r} at character "
+                               f"{e.start + 1})") from None
+    return value
+
+
 def get_str(row: dict, name: str, *, allow_empty: bool = False) -> str:
     if name not in row:
         raise FieldError(name, "missing")
@@ -131,7 +215,7 @@ def get_str(row: dict, name: str, *, allow_empty: bool = False) -> str:
         raise FieldError(name, f"expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise FieldError(name, "empty")
-    return value
+    return check_text(name, value)
 
 
 def get_messages(row: dict, name: str) -> list[dict]:
@@ -143,7 +227,8 @@ def get_messages(row: dict, name: str) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise FieldError(f"{name}[{i}]", "expected {\"role\": str, \"content\": str}")
         if m["role"] not in ("system", "user", "assistant"):
-            raise FieldError(f"{name}[{i}].role", f"unknown role {m['role']!r}")
+            raise FieldError(f"{name}[{i}].role", f"unknown role {show(m['role'])}")
+        check_text(f"{name}[{i}].content", m["content"])
     return value
 
 
@@ -152,14 +237,23 @@ def get_prompt(row: dict, name: str = "prompt"):
     return get_messages(row, name) if isinstance(row.get(name), list) else get_str(row, name)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # margins, scores and rewards are trained on as float32
+
+
 def get_number(row: dict, name: str) -> float:
-    """A finite number (not a bool)."""
+    """A finite number (not a bool) that float32 holds."""
     value = row[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise FieldError(name, f"expected a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise FieldError(name, f"expected a finite number, got {value}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FieldError(name, f"expected a finite number, got {show(value)}")
+    if abs(number) > FLOAT32_MAX:
+        raise FieldError(name, f"{show(value)} is too large (beyond float32's ±3.4e38)")
+    return number
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
@@ -181,9 +275,17 @@ def read_texts(path: str | Path, field: str = "text", *, skip_invalid: bool = Fa
     """A pretraining corpus: plain text (documents separated by blank lines) or JSONL with `field`."""
     path = Path(path)
     if path.suffix in (".txt", ".md"):
-        if not path.exists():
-            raise HeedError(f"{path}: file not found")
-        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        if not path.is_file():
+            raise HeedError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first document
+        except UnicodeDecodeError as e:
+            start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+            line = data.count(b"\n", 0, start) + 1
+            raise HeedError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[start]:02x})") from None
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
+        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
         if not docs:
             raise HeedError(f"{path}: no text found (the file is empty)")
         return docs
@@ -196,6 +298,8 @@ def parse_demo(row: dict) -> dict:
         messages = get_messages(row, "messages")
         if messages[-1]["role"] != "assistant":
             raise FieldError("messages", "the last message must be the assistant's response")
+        if len(messages) < 2:
+            raise FieldError("messages", "no messages before the assistant's response (nothing to use as the prompt)")
         return {"prompt": messages[:-1], "response": messages[-1]["content"]}
     return {"prompt": get_prompt(row), "response": get_str(row, "response")}
 
@@ -314,8 +418,18 @@ def _flag(row: dict, name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise FieldError(name, f"expected true or false, got {value!r}")
+        raise FieldError(name, f"expected true or false, got {show(value)}")
     return value
+
+
+def get_margin(row: dict) -> float:
+    """A pair's optional margin: a number >= 0 (the chosen response is better by at least it)."""
+    if row.get("margin") is None:
+        return 0.0
+    margin = get_number(row, "margin")
+    if margin < 0:
+        raise FieldError("margin", f"must not be negative, got {show(row['margin'])}")
+    return margin
 
 
 def parse_pair(row: dict) -> Pair | None:
@@ -323,7 +437,7 @@ def parse_pair(row: dict) -> Pair | None:
     prompt = get_prompt(row)
     chosen, rejected = get_str(row, "chosen", allow_empty=True), get_str(row, "rejected", allow_empty=True)
     tie = _flag(row, "tie")
-    margin = get_number(row, "margin") if row.get("margin") is not None else 0.0
+    margin = get_margin(row)
     if tie and margin:
         raise FieldError("margin", "a tie cannot have a margin")
     if _flag(row, "both_bad"):
@@ -378,7 +492,7 @@ def parse_hh(row: dict) -> Pair:
     prompt, chosen, rejected = part_dialogues(hh_messages(chosen_text, "chosen"),
                                               hh_messages(rejected_text, "rejected"), "dialogue")
     tie = _flag(row, "tie")
-    margin = get_number(row, "margin") if row.get("margin") is not None else 0.0
+    margin = get_margin(row)
     return Pair(prompt, chosen, rejected, margin, tie)
 
 
@@ -399,7 +513,7 @@ def parse_chat_pair(row: dict) -> Pair | None:
             raise FieldError("prompt", "no messages before the response") from None
         raise
     tie = _flag(row, "tie")
-    margin = get_number(row, "margin") if row.get("margin") is not None else 0.0
+    margin = get_margin(row)
     if _flag(row, "both_bad"):
         return None
     return Pair(shared, chosen, rejected, margin, tie)
@@ -413,11 +527,12 @@ def parse_ranking(row: dict) -> Ranking:
     for i, r in enumerate(responses):
         if not isinstance(r, str):
             raise FieldError(f"responses[{i}]", f"expected a string, got {type(r).__name__}")
+        check_text(f"responses[{i}]", r)
     ranking = row["ranking"]
     if not isinstance(ranking, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ranking):
         raise FieldError("ranking", "expected a list of integer indices into responses, best first")
     if sorted(ranking) != list(range(len(responses))):
-        raise FieldError("ranking", f"expected each index 0..{len(responses) - 1} exactly once, got {ranking}")
+        raise FieldError("ranking", f"expected each index 0..{len(responses) - 1} exactly once, got {show(ranking)}")
     return Ranking(prompt, list(responses), list(ranking))
 
 
@@ -431,7 +546,7 @@ def parse_thumb(row: dict) -> Thumb:
     if isinstance(key, float) and key in (0.0, 1.0):
         key = int(key)
     if not isinstance(key, (str, bool, int)) or key not in _THUMBS:
-        raise FieldError("label", f"expected 'up', 'down', true, false, 1 or 0, got {label!r}")
+        raise FieldError("label", f"expected 'up', 'down', true, false, 1 or 0, got {show(label)}")
     return Thumb(prompt, response, _THUMBS[key])
 
 
@@ -452,7 +567,7 @@ def read_feedback(path: str | Path, *, format: str = "auto", skip_invalid: bool 
     """
     if format != "auto" and format not in FEEDBACK_PARSERS:
         raise HeedError(f"unknown feedback format {format!r} (choose from auto, {', '.join(FEEDBACK_FORMATS)})")
-    state = {"format": None if format == "auto" else format, "unused": 0}
+    state = {"format": _first_valid_format(path) if format == "auto" else format, "unused": 0}
 
     def parse(row: dict):
         if state["format"] is None:
@@ -469,6 +584,25 @@ def read_feedback(path: str | Path, *, format: str = "auto", skip_invalid: bool 
     if not kept:
         raise HeedError(f"{path}: no usable feedback rows (all {len(rows)} were marked both_bad)")
     return Feedback(str(path), state["format"], kept, skipped=stats.get("skipped", 0), unused=state["unused"])
+
+
+def _first_valid_format(path: str | Path) -> str | None:
+    """The format of the first row that is valid in the format its columns say (None if none is).
+
+    Not simply the first row's: a bad first row (a "chosen" that should be a string but is a
+    list, a pair without its "prompt") would otherwise decide the format for the whole file,
+    and every good row after it would be refused, or skipped, as a row of the wrong format.
+    """
+    for _, row in iter_records(path):
+        if not isinstance(row, dict):
+            continue
+        try:
+            fmt = detect_feedback_format(row)
+            _missing_field_is_field_error(FEEDBACK_PARSERS[fmt])(row)
+        except FieldError:
+            continue
+        return fmt
+    return None
 
 
 def _missing_field_is_field_error(parse: Callable[[dict], Any]) -> Callable[[dict], Any]:

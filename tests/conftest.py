@@ -73,3 +73,17 @@ def db_url(request, tmp_path):
     import uuid
 
     return request.getfixturevalue("pg_cluster").new_database("t" + uuid.uuid4().hex[:16])
+
+
+# Hypothesis (tests/test_fuzz_readers.py): "ci", the default, is small, fixed and reproducible;
+# `pytest --hypothesis-profile=long` searches far wider (docs/reward-models.md, "Fuzzed readers").
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the test extra not installed: the fuzz tests skip themselves
+    pass
+else:
+    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, database=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("long", max_examples=1_000, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile("ci")

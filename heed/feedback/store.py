@@ -70,7 +70,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from heed.data import FieldError
+from heed.data import FieldError, check_text
 from heed.utils import HeedError
 
 KINDS = ("pair", "ranking", "thumbs", "rating")
@@ -231,6 +231,7 @@ def parse_item(row: dict, *, base_dir: Path | None = None, default_overlap: int 
         raise FieldError("prompt", "missing" if prompt is None else f"expected a string, got {type(prompt).__name__}")
     if len(prompt) > MAX_TEXT:
         raise FieldError("prompt", f"longer than {MAX_TEXT} characters")
+    check_text("prompt", prompt)  # a lone surrogate ("\ud800" in JSON) cannot be hashed or stored
     responses = row.get("responses")
     if not isinstance(responses, list):
         raise FieldError("responses", "expected a list of responses")
@@ -243,16 +244,21 @@ def parse_item(row: dict, *, base_dir: Path | None = None, default_overlap: int 
         if isinstance(r, str):
             if len(r) > MAX_TEXT:
                 raise FieldError(f"responses[{i}]", f"longer than {MAX_TEXT} characters")
-            clean.append(r)
+            clean.append(check_text(f"responses[{i}]", r))
         elif isinstance(r, dict) and set(r) == {"media"} and isinstance(r["media"], str):
-            path = Path(r["media"]).expanduser()
-            if not path.is_absolute():
-                path = (base_dir or Path.cwd()) / path
-            path = path.resolve()
+            check_text(f"responses[{i}].media", r["media"])
+            try:
+                path = Path(r["media"]).expanduser()
+                if not path.is_absolute():
+                    path = (base_dir or Path.cwd()) / path
+                path = path.resolve()
+                found = path.is_file()
+            except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a name too long, ~nobody
+                raise FieldError(f"responses[{i}].media", f"not a usable file path ({e})") from None
             if path.suffix.lower() not in MEDIA_TYPES:
                 raise FieldError(f"responses[{i}].media", f"unsupported file type {path.suffix!r} "
                                  f"(use {', '.join(MEDIA_TYPES)})")
-            if not path.is_file():
+            if not found:
                 raise FieldError(f"responses[{i}].media", f"file not found: {path}")
             clean.append({"media": str(path)})
         else:
