@@ -102,9 +102,10 @@ def _scalar(base: type, raw: Any) -> Any:
     raise _BadValue(f"expected {kind}, got {_show(raw)}")
 
 
-def _show(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+def _show(value: Any) -> str:
+    from heed.data import show
+
+    return show(value)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

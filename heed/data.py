@@ -191,9 +191,15 @@ class FieldError(Exception):
 
 
 def show(value: Any, limit: int = 60) -> str:
-    """repr(value) for an error message, cut short: a bad field may be megabytes long."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+    """repr(value) for an error message, cut short: a bad field may be megabytes long, or (YAML
+    aliases) a list of lists of lists whose full repr would take gigabytes."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 5
+    r.maxlevel = 2
+    return r.repr(value)
 
 
 def check_text(name: str, value: str) -> str:

@@ -837,7 +837,17 @@ def yaml_texts(draw):
     return "\n".join(lines)
 
 
-@given(source=st.one_of(st.binary(max_size=120), yaml_texts().map(str.encode)))
+@st.composite
+def bombs(draw):
+    """"Billion laughs": a few lines of YAML whose value, through aliases, holds 9**levels strings.
+    Refusing it must not try to print all of it."""
+    levels = draw(st.integers(2, 12))
+    items = ['&l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    items += [f"&l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return f"{draw(st.sampled_from(['lr', 'data', 'epochs', 'dtype']))}: [{', '.join(items)}]\n".encode()
+
+
+@given(source=st.one_of(st.binary(max_size=120), yaml_texts().map(str.encode), bombs()))
 def test_any_yaml_loads_or_stops_with_heed_error(source):
     from heed.algos.sft import SFTConfig
 
