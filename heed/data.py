@@ -205,6 +205,8 @@ def show(value: Any, limit: int = 60) -> str:
 def check_text(name: str, value: str) -> str:
     """`value` (a str) unless it is not valid Unicode: a lone surrogate, which JSON's "\\ud800"
     escapes can make, cannot be encoded, and would stop a tokenizer or a database mid-run."""
+    if value.isascii():
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
