@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -129,12 +130,87 @@ def make_accelerator(cfg: TrainConfig):
     # on the CPU; otherwise each process of `accelerate launch` would train alone.
     # Our batches are global (split across processes), so the schedule takes one step per
     # optimiser step; accelerate's default would step it once per process.
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available(),
-                              step_scheduler_with_optimizer=False)
+    # DeepSpeed is the exception: accelerate hands it the processes only when not told `cpu`, and
+    # DeepSpeed's own CPU accelerator then runs them over gloo (docs/distributed.md).
+    cpu, extra = not torch.cuda.is_available(), {}
+    if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from accelerate.utils import InitProcessGroupKwargs
+
+        cpu, extra = False, {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=cpu,
+                              step_scheduler_with_optimizer=False, **extra)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.num_processes > 1:
+        fsdp_on_cpu(accelerator)
+    if accelerator.state.deepspeed_plugin is not None:
+        deepspeed_settings(accelerator, cfg)
     # A different seed per process (sampling must differ across ranks), same init weights
     # because every rank builds the model before this and DDP broadcasts rank 0's weights.
     set_seed(cfg.seed + accelerator.process_index)
     return accelerator
+
+
+def fsdp_on_cpu(accelerator) -> None:
+    """Take an FSDP config at its word on CPUs too. accelerate 1.15 selects FSDP only on an
+    accelerator: told `cpu=True` (as heed does without a GPU) it silently trains with DDP, every
+    weight on every process. torch's FSDP2 (`fully_shard`) runs on CPUs over gloo, so select it
+    the way accelerate does on GPUs (docs/distributed.md); FSDP1's plugin refuses to exist there."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's environment, as accelerate builds it
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    # PartialState's copy too: every AcceleratorState() made later starts from it
+    PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+def deepspeed_settings(accelerator, cfg: TrainConfig) -> None:
+    """What DeepSpeed's config must hold for heed's loop: the micro-batch size it asks for (heed
+    has no dataloader to read it from; it only sizes DeepSpeed's own bookkeeping), one
+    accumulation step (Learner.step marks the last micro-batch itself), --max-grad-norm."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds.pop("train_batch_size", None)
+    ds["gradient_clipping"] = cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether each process holds only a shard of the weights (FSDP, DeepSpeed ZeRO-3): then every
+    forward pass is a collective that all processes must run, and so is gathering the weights."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+@contextmanager
+def whole_state_dicts(model: torch.nn.Module, full: dict | None):
+    """While saving a sharded model on the main process: the `state_dict()` of `model` and of every
+    module in it answers from `full`, the whole weights gathered from all processes, so `save`
+    callbacks written for plain modules (`save_model(m.policy, ...)`) write whole weights."""
+    if full is None:
+        yield
+        return
+    own = model.state_dict(keep_vars=True)  # tied weights: one parameter under two names, so one tensor
+    first = {}
+    for name, tensor in own.items():
+        first.setdefault(id(tensor), name)
+    full = {k: full[first[id(own[k])]] if k in own and first[id(own[k])] in full else v for k, v in full.items()}
+    modules = [(name + "." if name else "", module) for name, module in model.named_modules()]
+    for prefix, module in modules:
+        part = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        module.state_dict = lambda *args, _part=part, **kwargs: dict(_part)
+    try:
+        yield
+    finally:
+        for _, module in modules:
+            del module.state_dict
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
@@ -181,6 +257,7 @@ class Checkpointer:
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()  # every process's files are in tmp before it is renamed
         if self.accelerator.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}))
             if self.dir.exists():
@@ -254,6 +331,20 @@ def micro_batches(items: Sequence, size: int, lengths: Sequence[int] | None = No
     return chunks[::-1]
 
 
+def as_many_chunks(chunks: list, count: int) -> list:
+    """`chunks` split until there are `count` of them, the largest first (cut in two): under FSDP and
+    DeepSpeed every process must run as many micro-batches as the one with the most. Each process
+    holds as many rows as the others, so there are enough; the step's gradient is the same sum."""
+    chunks = list(chunks)
+    while len(chunks) < count:
+        i = max(range(len(chunks)), key=lambda k: len(chunks[k]))
+        if len(chunks[i]) < 2:
+            raise HeedError(f"cannot split {len(chunks)} micro-batches into {count}")
+        half = len(chunks[i]) // 2
+        chunks[i:i + 1] = [chunks[i][:half], chunks[i][half:]]
+    return chunks
+
+
 def mean_stats(stats: dict[str, list[float]]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
@@ -273,6 +364,10 @@ class Learner:
         self.logger = MetricsLogger(log_dir or self.run_dir, enabled=self.accelerator.is_main_process)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
+        self.sharded = is_sharded(self.accelerator)  # FSDP / ZeRO-3: forward passes and saving are collectives
+        # FSDP and DeepSpeed communicate in every backward pass (ZeRO-2 too): every process must
+        # run as many micro-batches
+        self.lockstep = self.sharded or self.accelerator.state.deepspeed_plugin is not None
         self.nonfinite = 0  # batches skipped for a NaN or inf in this run (--skip-nonfinite)
 
     def finite(self, what: str, value, *, where: str, prompts: Sequence = ()) -> bool:
@@ -317,8 +412,12 @@ class Learner:
         gradient norm before clipping; None when the loss or the gradient norm was NaN or inf
         and the batch was skipped (see `finite`: `where` and `prompts` name it), with no update."""
         acc = self.accelerator
+        if self.lockstep and self.world > 1:
+            most = acc.gather(torch.tensor([len(chunks)], device=acc.device)).max()
+            chunks = as_many_chunks(chunks, int(most))
         values = []
         for j, chunk in enumerate(chunks):
+            acc.sync_gradients = j == len(chunks) - 1  # DeepSpeed reads it: steps after the last chunk only
             with nullcontext() if j == len(chunks) - 1 else acc.no_sync(self.model):
                 with acc.autocast():
                     value = loss(chunk)
@@ -339,8 +438,10 @@ class Learner:
         """Save the model (main process), mark the run done with `state`, drop the checkpoint."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        full = acc.get_state_dict(self.model) if self.sharded else None  # gathered: every process takes part
         if self.is_main:
-            save(self.unwrapped)
+            with whole_state_dicts(self.unwrapped, full):
+                save(self.unwrapped)
             (self.run_dir / DONE_FILE).write_text(json.dumps(state))
             shutil.rmtree(self.checkpointer.dir, ignore_errors=True)  # the final model supersedes it
         acc.wait_for_everyone()
@@ -420,7 +521,7 @@ def train_offline(model: torch.nn.Module, rows: Sequence, cfg: OfflineConfig, to
             if learner.nonfinite:
                 metrics["train/nonfinite_skipped"] = learner.nonfinite
             window = {}
-            if evaluating and learner.is_main:
+            if evaluating and (learner.is_main or learner.sharded):  # sharded: every process runs the forwards
                 metrics.update(evaluate(learner.unwrapped))
             learner.logger.log(done_steps, **metrics)
             bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items()

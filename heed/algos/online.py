@@ -35,6 +35,7 @@ from heed.algos.common import (
     Learner,
     TrainConfig,
     global_mean,
+    is_sharded,
     make_accelerator,
     micro_batches,
     prepare_model,
@@ -150,6 +151,10 @@ class OnlineTrainer:
                  policy=None, tokenizer=None, reference=None, monitor: Callable | None = None):
         self.cfg = cfg
         accelerator = make_accelerator(cfg)
+        if is_sharded(accelerator):  # each process samples its own rollout, of its own length
+            raise HeedError(f"{self.name}: FSDP and DeepSpeed ZeRO-3 shard the weights, so every forward pass "
+                            "is a collective, and rollouts of different lengths on each process would "
+                            "deadlock; use DDP or ZeRO-2 (docs/distributed.md)")
         if policy is None:
             policy, tokenizer = load_policy(cfg.policy, dtype=weight_dtype(cfg))
         if not is_peft(policy):
