@@ -34,6 +34,25 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
                 leave=False)
 
 
+_FAULTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the kill tests (tests/test_kill_resume.py): with HEED_FAULT=NAME:N in
+    the environment, the N-th time this process reaches the point `name` it SIGKILLs itself:
+    a real kill, no cleanup, at the worst moment (inside a checkpoint write). Otherwise nothing."""
+    spec = os.environ.get("HEED_FAULT")
+    if not spec:
+        return
+    target, _, n = spec.partition(":")
+    if target == name:
+        _FAULTS[name] = _FAULTS.get(name, 0) + 1
+        if _FAULTS[name] == int(n or 1):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temporary file and rename, so a killed run never leaves half a file."""
     path = Path(path)
@@ -47,7 +66,8 @@ class MetricsLogger:
     """Appends one JSON object per step to `metrics.jsonl` and mirrors scalars to TensorBoard.
 
     Only the main process writes; on a resumed run the JSONL is appended to, so the
-    file holds the whole history.
+    file holds the whole history, each step once (`keep_until` drops what a killed run
+    logged after its last checkpoint, which the resumed run logs again).
     """
 
     def __init__(self, out_dir: str | Path, enabled: bool = True):
@@ -63,6 +83,21 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(Path(out_dir) / "tb"))
             except ImportError:  # tensorboard is a dependency; stay usable without it
                 self._tb = None
+
+    def keep_until(self, step: int) -> None:
+        """Drop the rows after `step` (and a last line cut short by a kill): a run resuming
+        from its checkpoint at `step` logs those steps again."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept))
 
     def log(self, step: int, **metrics: Any) -> None:
         if not self.enabled:

@@ -31,7 +31,7 @@ import torch
 
 from heed.config import option, save as save_config
 from heed.models import LMExample, add_lora, collate_lm, device_of, evaluate_nll, is_peft, token_nll
-from heed.utils import HeedError, MetricsLogger, progress
+from heed.utils import HeedError, MetricsLogger, fault_point, progress
 
 DONE_FILE = "trainer_done.json"
 
@@ -231,8 +231,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
 class Checkpointer:
     """`out/checkpoint/`: accelerator state (weights, optimiser, schedule, RNG) plus the step.
 
-    Written to a temporary directory and renamed, so a kill during saving leaves the
-    previous checkpoint intact.
+    Written to `checkpoint.tmp` (its trainer_state.json last) and swapped in: the old one
+    is renamed to `checkpoint.old`, the new one into place, then the old one removed. A kill
+    at any moment leaves a whole checkpoint that `load` finds: the new one, the old one, or
+    (killed mid-swap) whichever of `.tmp` and `.old` is complete.
     """
 
     def __init__(self, accelerator, out: str | Path):
@@ -242,12 +244,26 @@ class Checkpointer:
     def load(self) -> dict:
         """Restore the last checkpoint if there is one; return its state ({"step": 0} if none)."""
         state = self.dir / "trainer_state.json"
+        if not state.exists() and self.accelerator.is_main_process:
+            # killed mid-swap: the new checkpoint is complete in .tmp (its state file is written
+            # last), else the previous one is whole in .old
+            for spare in (self.dir.with_name("checkpoint.tmp"), self.dir.with_name("checkpoint.old")):
+                if (spare / "trainer_state.json").exists():
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                    spare.rename(self.dir)
+                    break
+        self.accelerator.wait_for_everyone()
         if not state.exists():
             return {"step": 0}
         self.accelerator.load_state(str(self.dir))
         trainer_state = json.loads(state.read_text())
         self.accelerator.print(f"resuming from {self.dir} at step {trainer_state['step']}")
         return trainer_state
+
+    def remove(self) -> None:
+        """Delete the checkpoint and any spare a kill left (`.tmp`, `.old`)."""
+        for d in (self.dir, self.dir.with_name("checkpoint.tmp"), self.dir.with_name("checkpoint.old")):
+            shutil.rmtree(d, ignore_errors=True)
 
     def save(self, step: int, **state) -> None:
         """Save at `step`; `state` (JSON-serialisable) comes back from load() on resume."""
@@ -259,10 +275,15 @@ class Checkpointer:
         self.accelerator.save_state(str(tmp))
         self.accelerator.wait_for_everyone()  # every process's files are in tmp before it is renamed
         if self.accelerator.is_main_process:
+            fault_point("checkpoint-write")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}))
+            old = self.dir.with_name("checkpoint.old")
+            shutil.rmtree(old, ignore_errors=True)
             if self.dir.exists():
-                shutil.rmtree(self.dir)
+                self.dir.rename(old)
+            fault_point("checkpoint-swap")
             tmp.rename(self.dir)
+            shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
 
@@ -395,6 +416,13 @@ class Learner:
         raise HeedError(f"{where}: {what} is {shown}; the batch's prompts include {examples}; {kept}. "
                         "Pass --skip-nonfinite N to skip up to N such batches")
 
+    def resume(self) -> dict:
+        """Restore the last checkpoint, if any, and return its state ({"step": 0} if none); the
+        metrics log drops what was logged after it (those steps run again)."""
+        state = self.checkpointer.load()
+        self.logger.keep_until(state["step"])
+        return state
+
     @property
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
@@ -443,7 +471,7 @@ class Learner:
             with whole_state_dicts(self.unwrapped, full):
                 save(self.unwrapped)
             (self.run_dir / DONE_FILE).write_text(json.dumps(state))
-            shutil.rmtree(self.checkpointer.dir, ignore_errors=True)  # the final model supersedes it
+            self.checkpointer.remove()  # the final model supersedes it
         acc.wait_for_everyone()
         self.logger.close()
 
@@ -486,7 +514,7 @@ def train_offline(model: torch.nn.Module, rows: Sequence, cfg: OfflineConfig, to
     if learner.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    start = learner.checkpointer.load()["step"]
+    start = learner.resume()["step"]
     learner.model.train()
     metrics: dict = {}
     window: dict[str, list[float]] = {}

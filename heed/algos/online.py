@@ -284,7 +284,7 @@ class OnlineTrainer:
         if learner.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-        state = learner.checkpointer.load()
+        state = learner.resume()
         self.iteration = state["step"]
         self.load_state(state)
         metrics: dict = {}

@@ -191,7 +191,7 @@ class REBELTrainer:
         cfg, learner = self.cfg, self.learner
         if self.reward_fn is None or self.prompts is None:
             raise HeedError("REBEL iterations need --prompts and --reward (or give --data for one update)")
-        self.iteration = learner.checkpointer.load()["step"]
+        self.iteration = learner.resume()["step"]
         metrics: dict = {}
         bar = progress(range(self.iteration, cfg.iterations), desc="rebel", disable=not learner.is_main, unit="iter")
         for it in bar:

@@ -50,7 +50,7 @@ from heed.control.envs import PreferenceEnv, default_horizon, evaluate, make_env
 from heed.control.labelers import HumanLabeler, SyntheticOracle, open_store
 from heed.control.queries import labels_due, member_preferences, sample_clips, sample_pairs, select_queries
 from heed.control.reward_model import Comparisons, EnsembleTrainer, RewardEnsemble
-from heed.utils import HeedError, MetricsLogger, atomic_write_text, progress, seed_everything
+from heed.utils import HeedError, MetricsLogger, atomic_write_text, fault_point, progress, seed_everything
 
 
 @dataclass
@@ -189,6 +189,7 @@ class Checkpoint:
         shutil.rmtree(old, ignore_errors=True)
         if ckpt_dir.exists():
             ckpt_dir.rename(old)
+        fault_point("checkpoint-swap")
         tmp.rename(ckpt_dir)
         shutil.rmtree(old, ignore_errors=True)
 
