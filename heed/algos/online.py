@@ -63,7 +63,8 @@ class RolloutConfig(TrainConfig):
 
     policy: str = option(help="the SFT policy to fine-tune: a local Hugging Face causal-LM directory")
     prompts: str = option(help="training prompts: JSONL/Parquet rows with a 'prompt' field")
-    reward: list[str] = option(help="reward terms, [WEIGHT*]TARGET: reward-model dirs and/or module:function rules")
+    reward: list[str] = option(help="reward terms, [WEIGHT*]TARGET: reward-model dirs, http://HOST:PORT (`heed rm "
+                                    "serve`; token in $HEED_REWARD_TOKEN) and/or module:function rules")
     monitor: list[str] = option([], "reward terms logged as monitor/score each iteration, never optimised "
                                     "(heed.rules:gold on the embedded world)")
     reference: str | None = option(None, "frozen reference model for the KL (default: a copy of --policy; with "

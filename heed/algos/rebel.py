@@ -69,7 +69,8 @@ class REBELConfig(TrainConfig):
     policy: str = option(help="the policy to improve (the SFT policy): a local Hugging Face causal-LM directory")
     data: str | None = option(None, "one update on this pairs file (from `heed filter`); else iterate")
     prompts: str | None = option(None, "training prompts for --iterations (JSONL/Parquet rows with 'prompt')")
-    reward: list[str] = option([], "reward terms for --iterations, [WEIGHT*]TARGET: reward-model dirs, rules")
+    reward: list[str] = option([], "reward terms for --iterations, [WEIGHT*]TARGET: reward-model dirs, "
+                                   "http://HOST:PORT (`heed rm serve`), rules")
     monitor: list[str] = option([], "reward terms logged as monitor/score each iteration, never optimised "
                                     "(heed.rules:gold on the embedded world)")
     iterations: int = option(16, "sample -> score -> filter -> update rounds (without --data)")
