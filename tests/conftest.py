@@ -82,7 +82,11 @@ try:
 except ImportError:  # the test extra not installed: the fuzz tests skip themselves
     pass
 else:
-    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, database=None, print_blob=True,
+    # its example database and caches go to the temp dir, not into the checkout (.hypothesis/)
+    import tempfile
+
+    os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "heed-hypothesis"))
+    settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, database=None, print_blob=True,
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     settings.register_profile("long", max_examples=1_000, deadline=None, print_blob=True,
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -372,7 +372,43 @@ def _near_pair(draw, row):
     return "margin"
 
 
-NEAR = {"rankings": _near_ranking, "hh": _near_hh, "pairs": _near_pair}
+NON_NUMBERS = [float("nan"), True, float("inf"), 10**39, float("-inf"), False, -1e39, float("-nan")]
+
+
+def _near_number(*fields):
+    """A number field that is NaN, infinite, beyond float32 or a bool."""
+    def near(draw, row):
+        field = draw(st.sampled_from(fields))
+        row[field] = draw(st.sampled_from(NON_NUMBERS))
+        return field
+    return near
+
+
+def _near_thumb(draw, row):
+    row["label"] = draw(st.sampled_from([2, 0.5, -1, float("nan"), "upp", "thumbs up", None, [1]]))
+    return "label"
+
+
+def _near_text(field):
+    """The field made blank (where it may not be) or given a lone surrogate."""
+    def near(draw, row):
+        if field not in row or not isinstance(row[field], str):
+            row[field] = " "
+        else:
+            row[field] = draw(st.sampled_from([" ", "\t", row[field] + SURROGATE]))
+        return field
+    return near
+
+
+def _near_item(draw, row):
+    field = draw(st.sampled_from(["overlap", "prompt"]))
+    row[field] = draw(st.sampled_from([0, 101, True, 2.5])) if field == "overlap" else row["prompt"] + SURROGATE
+    return field
+
+
+NEAR = {"rankings": _near_ranking, "hh": _near_hh, "pairs": _near_pair, "ratings": _near_number("score"),
+        "reward_pairs": _near_number("chosen_reward", "rejected_reward"), "thumbs": _near_thumb,
+        "texts": _near_text("text"), "prompts": _near_text("prompt"), "queue": _near_item}
 
 
 @st.composite
@@ -380,7 +416,7 @@ def mutated(draw, spec: Spec):
     """(row or raw line, expected value or None, field the error must name or None, invalid?)"""
     row, expected = spec.valid(draw)
     row = dict(row) | draw(extras)
-    how = draw(st.sampled_from(["valid", "valid", "field", "field", "line", "near"]))
+    how = draw(st.sampled_from(["valid", "near", "valid", "field", "near", "field", "line"]))
     if how == "valid":
         return row, expected, None, False
     if how == "near":  # a mutation made from the row itself: nearly right, still wrong
