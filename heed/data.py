@@ -341,13 +341,18 @@ def read_prompts(path: str | Path, *, skip_invalid: bool = False) -> list:
 #   rankings  {"prompt", "responses": [str, ...], "ranking": [indices of responses, best first]}
 #   thumbs    {"prompt", "response", "label": "up"|"down"|true|false|1|0}
 #   ratings   {"prompt", "response", "score": number}
+#   spans     {"prompt", "response", "spans": [{"start", "end", "label"}, ...], "correction"?,
+#             "label_rewards"?: {label: number}}: marked segments of one response, as character
+#             offsets (Python string indices: Unicode code points, newlines count one) into the
+#             response, end exclusive, not overlapping; "correction" a rewritten response;
+#             "label_rewards" each label's reward (sign and weight) where the data sets it
 # Prompts of pairs, rankings, thumbs and ratings may also be message lists. Prompts must
 # not be empty; responses may be (a policy can answer nothing, and that is worth judging).
 
-FEEDBACK_FORMATS = ("pairs", "hh", "chat", "rankings", "thumbs", "ratings")
+FEEDBACK_FORMATS = ("pairs", "hh", "chat", "rankings", "thumbs", "ratings", "spans")
 # The kind of supervision each format gives (which loss trains on it).
 FEEDBACK_KIND = {"pairs": "pairs", "hh": "pairs", "chat": "pairs", "rankings": "rankings",
-                 "thumbs": "thumbs", "ratings": "ratings"}
+                 "thumbs": "thumbs", "ratings": "ratings", "spans": "spans"}
 
 
 @dataclass
@@ -380,13 +385,31 @@ class Rating:
     score: float
 
 
+@dataclass(frozen=True)
+class Span:
+    start: int   # character offset into the response (a Python string index)
+    end: int     # exclusive
+    label: str
+
+
+@dataclass
+class Marked:
+    """One response with the segments an annotator marked, and optionally their rewrite of it."""
+
+    prompt: str | list[dict]
+    response: str
+    spans: list[Span]               # sorted by start, not overlapping
+    correction: str | None = None   # the annotator's corrected response
+    label_rewards: dict[str, float] | None = None  # each label's reward, where the data sets it
+
+
 @dataclass
 class Feedback:
     """The rows of one feedback file, all of one format."""
 
     path: str
     format: str
-    rows: list            # Pair | Ranking | Thumb | Rating
+    rows: list            # Pair | Ranking | Thumb | Rating | Marked
     skipped: int = 0      # invalid rows skipped (with skip_invalid)
     unused: int = 0       # valid rows that carry no preference (pairs marked both_bad)
 
@@ -395,7 +418,7 @@ class Feedback:
         return FEEDBACK_KIND[self.format]
 
 
-def responses_of(row: Pair | Ranking | Thumb | Rating) -> list[str]:
+def responses_of(row: Pair | Ranking | Thumb | Rating | Marked) -> list[str]:
     """The responses a row's loss needs rewards for, in a fixed order."""
     if isinstance(row, Pair):
         return [row.chosen, row.rejected]
@@ -412,13 +435,16 @@ def detect_feedback_format(row: dict) -> str:
         if isinstance(row["chosen"], list) or isinstance(row["rejected"], list):
             return "chat"
         return "pairs" if "prompt" in row else "hh"
+    if "response" in row and "spans" in row:
+        return "spans"
     if "response" in row and "label" in row:
         return "thumbs"
     if "response" in row and "score" in row:
         return "ratings"
     raise FieldError(None, f"cannot tell the feedback format from the columns {sorted(row)}: expected "
                            "prompt/chosen/rejected, chosen/rejected (HH-RLHF), prompt/responses/ranking, "
-                           "prompt/response/label or prompt/response/score (or pass --format)")
+                           "prompt/response/label, prompt/response/score or prompt/response/spans "
+                           "(or pass --format)")
 
 
 def _flag(row: dict, name: str) -> bool:
@@ -562,9 +588,49 @@ def parse_rating(row: dict) -> Rating:
     return Rating(get_prompt(row), get_str(row, "response", allow_empty=True), get_number(row, "score"))
 
 
+def get_spans(row: dict, response: str) -> list[Span]:
+    """A response's marked spans: character offsets inside it, end exclusive, none overlapping."""
+    spans = row["spans"]
+    if not isinstance(spans, list):
+        raise FieldError("spans", f"expected a list of {{start, end, label}}, got {type(spans).__name__}")
+    out = []
+    for i, span in enumerate(spans):
+        if not isinstance(span, dict):
+            raise FieldError(f"spans[{i}]", f"expected {{start, end, label}}, got {show(span)}")
+        for name in ("start", "end"):
+            value = span.get(name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise FieldError(f"spans[{i}].{name}", f"expected an integer character offset, got {show(value)}")
+        label = span.get("label")
+        if not isinstance(label, str) or not label.strip():
+            raise FieldError(f"spans[{i}].label", f"expected a non-empty string, got {show(label)}")
+        if not 0 <= span["start"] < span["end"] <= len(response):
+            raise FieldError(f"spans[{i}]", f"[{span['start']}, {span['end']}) is not a non-empty range inside "
+                                            f"the response's {len(response)} characters")
+        out.append(Span(span["start"], span["end"], check_text(f"spans[{i}].label", label.strip())))
+    out.sort(key=lambda s: s.start)
+    for a, b in zip(out, out[1:]):
+        if b.start < a.end:
+            raise FieldError("spans", f"spans overlap: [{a.start}, {a.end}) {a.label!r} and [{b.start}, {b.end}) "
+                                      f"{b.label!r}")
+    return out
+
+
+def parse_marked(row: dict) -> Marked:
+    prompt, response = get_prompt(row), get_str(row, "response", allow_empty=True)
+    spans = get_spans(row, response)
+    correction = get_str(row, "correction", allow_empty=True) if row.get("correction") is not None else None
+    rewards = row.get("label_rewards")
+    if rewards is not None:
+        if not isinstance(rewards, dict):
+            raise FieldError("label_rewards", f"expected {{label: number}}, got {show(rewards)}")
+        rewards = {str(k): get_number(rewards, k) for k in rewards}
+    return Marked(prompt, response, spans, correction, rewards)
+
+
 FEEDBACK_PARSERS: dict[str, Callable[[dict], Any]] = {
     "pairs": parse_pair, "hh": parse_hh, "chat": parse_chat_pair, "rankings": parse_ranking,
-    "thumbs": parse_thumb, "ratings": parse_rating}
+    "thumbs": parse_thumb, "ratings": parse_rating, "spans": parse_marked}
 
 
 def read_feedback(path: str | Path, *, format: str = "auto", skip_invalid: bool = False) -> Feedback:

@@ -236,6 +236,22 @@ def decode_response(tokenizer, ids: list[int]) -> str:
     return text[1:] if text.startswith(" ") else text
 
 
+def response_char_ends(tokenizer, ids: list[int]) -> list[int]:
+    """Where each token of a response ends in its text (`decode_response`): token t covers the
+    characters [ends[t - 1], ends[t]). Found by decoding every prefix, which is right for any
+    tokenizer (a byte-level BPE splitting one character over two tokens, SentencePiece's
+    spaces); kept non-decreasing and within the text. EOS and other special tokens cover none."""
+    if not ids:
+        return []
+    full = len(decode_response(tokenizer, ids))
+    texts = tokenizer.batch_decode([ids[:t + 1] for t in range(len(ids))], skip_special_tokens=True)
+    ends, last = [], 0
+    for text in texts:
+        last = min(full, max(last, len(text) - text.startswith(" ")))
+        ends.append(last)
+    return ends
+
+
 # ---------------------------------------------------------------------------
 # `heed sample`
 # ---------------------------------------------------------------------------

@@ -20,6 +20,14 @@ normalised ensemble mean (heed.reward_model); one served over HTTP the same
 
 Every trainer calls `reward(prompts, responses)` on decoded text; `heed rm score`
 (`score` below) adds a reward column to a file of rows.
+
+Dense rewards (Wu et al. 2023, Fine-Grained RLHF). A rule may return, for a response,
+a list of (end, value) segments instead of a number: `value` is earned by the text up
+to character `end` of the response (a Python string index), and the response's reward
+is their sum. A token-level reward model (`heed rm train --format spans`) gives the
+same. `reward.dense(prompts, responses)` returns every term as segments, a scalar term
+as one segment at the end, and PPO with `--dense-rewards` puts each segment's value
+on the token that completes it (`token_rewards`).
 """
 
 from __future__ import annotations
@@ -40,7 +48,8 @@ from heed.reward_model import RewardModel
 from heed.reward_server import RemoteRewardModel
 from heed.utils import HeedError
 
-Rule = Callable[[Sequence, Sequence[str]], Sequence[float]]
+Rule = Callable[[Sequence, Sequence[str]], Sequence]
+Segments = list[tuple[int, float]]  # (end character, value) pairs of one response
 
 
 def load_rule(spec: str) -> Rule:
@@ -72,19 +81,56 @@ def load_rule(spec: str) -> Rule:
     return fn
 
 
-def call_rule(name: str, fn: Rule, prompts: Sequence, responses: Sequence[str]) -> list[float]:
-    """Call a rule and check it returned one finite number per response."""
+def call_rule_dense(name: str, fn: Rule, prompts: Sequence, responses: Sequence[str]) -> list[float | Segments]:
+    """Call a rule and check it returned, per response, one finite number or a list of
+    (end, value) segments with 0 <= end <= len(response) and finite values."""
     out = fn(list(prompts), list(responses))
     try:
-        values = [float(v) for v in out]
-    except (TypeError, ValueError):
-        raise HeedError(f"rule {name}: must return a list of numbers, got {type(out).__name__}") from None
+        values = list(out)
+    except TypeError:
+        raise HeedError(f"rule {name}: must return a list, got {type(out).__name__}") from None
     if len(values) != len(responses):
         raise HeedError(f"rule {name}: returned {len(values)} values for {len(responses)} responses")
-    bad = [v for v in values if not math.isfinite(v)]
-    if bad:
-        raise HeedError(f"rule {name}: returned a non-finite value ({bad[0]})")
-    return values
+    checked: list[float | Segments] = []
+    for i, v in enumerate(values):
+        if isinstance(v, (list, tuple)):
+            try:
+                segments = [(int(end), float(value)) for end, value in v]
+            except (TypeError, ValueError):
+                raise HeedError(f"rule {name}: response {i}: segments must be (end, value) pairs, got {v!r:.80}") from None
+            bad = [(e, x) for e, x in segments if not 0 <= e <= len(responses[i]) or not math.isfinite(x)]
+            if bad:
+                raise HeedError(f"rule {name}: response {i}: segment {bad[0]} has an end outside the response's "
+                                f"{len(responses[i])} characters or a non-finite value")
+            checked.append(segments)
+            continue
+        try:
+            number = float(v)
+        except (TypeError, ValueError):
+            raise HeedError(f"rule {name}: must return a list of numbers (or of segment lists), "
+                            f"got {type(v).__name__}") from None
+        if not math.isfinite(number):
+            raise HeedError(f"rule {name}: returned a non-finite value ({number})")
+        checked.append(number)
+    return checked
+
+
+def call_rule(name: str, fn: Rule, prompts: Sequence, responses: Sequence[str]) -> list[float]:
+    """Call a rule and check it returned one finite number (or segments, summed) per response."""
+    return [v if isinstance(v, float) else sum(x for _, x in v)
+            for v in call_rule_dense(name, fn, prompts, responses)]
+
+
+def token_rewards(segments: Segments, char_ends: Sequence[int]) -> list[float]:
+    """Each segment's value on the token that completes it: the first whose end (in
+    `generate.response_char_ends`) reaches the segment's end; the last token takes the rest."""
+    out = [0.0] * len(char_ends)
+    if not out:
+        return out
+    for end, value in segments:
+        t = next((t for t, e in enumerate(char_ends) if e >= end), len(out) - 1)
+        out[t] += value
+    return out
 
 
 _WEIGHTED = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*(.+?)\s*$")
@@ -120,6 +166,29 @@ class RewardFunction:
 
     def __call__(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
         return self.score(prompts, responses)[0]
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether a term may give rewards inside a response (rules may: known when called)."""
+        return bool(self.rules) or any(getattr(rm, "is_dense", False) for _, _, rm in self.models)
+
+    def dense(self, prompts: Sequence, responses: Sequence[str], *, batch_size: int = 64) -> list[Segments]:
+        """Per response, the weighted (end, value) segments of every term; their sum is `__call__`'s.
+        A scalar term is one segment at the response's end; a token-level reward model gives
+        its per-token rewards (normalised) at each token's end."""
+        out: list[Segments] = [[] for _ in responses]
+        for name, weight, fn in self.rules:
+            for i, v in enumerate(call_rule_dense(name, fn, prompts, responses)):
+                out[i] += [(len(responses[i]), weight * v)] if isinstance(v, float) else \
+                    [(end, weight * x) for end, x in v]
+        for name, weight, rm in self.models:
+            if getattr(rm, "is_dense", False):
+                for i, segments in enumerate(rm.dense(prompts, responses, batch_size=batch_size)):
+                    out[i] += [(end, weight * x) for end, x in segments]
+            else:
+                for i, v in enumerate(rm.score(prompts, responses, batch_size=batch_size)[0]):
+                    out[i].append((len(responses[i]), weight * v))
+        return out
 
 
 def load_reward(specs: Sequence[str]) -> RewardFunction:
