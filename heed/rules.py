@@ -123,12 +123,13 @@ def call_rule(name: str, fn: Rule, prompts: Sequence, responses: Sequence[str]) 
 
 def token_rewards(segments: Segments, char_ends: Sequence[int]) -> list[float]:
     """Each segment's value on the token that completes it: the first whose end (in
-    `generate.response_char_ends`) reaches the segment's end; the last token takes the rest."""
+    `generate.response_char_ends`) reaches the segment's end. A segment that ends with the
+    text goes on the last token (EOS, where the response has one), as a scalar reward does."""
     out = [0.0] * len(char_ends)
     if not out:
         return out
     for end, value in segments:
-        t = next((t for t, e in enumerate(char_ends) if e >= end), len(out) - 1)
+        t = len(out) - 1 if end >= char_ends[-1] else next(t for t, e in enumerate(char_ends) if e >= end)
         out[t] += value
     return out
 
