@@ -9,6 +9,9 @@ the format `heed rm train` reads (heed/data.py), one kind per run:
     rankings  groups of --k responses: {"prompt", "responses", "ranking"} (best first)
     thumbs    every response: {"prompt", "response", "label": "up"|"down"}
     ratings   every response: {"prompt", "response", "score": 1..7}
+    spans     every response: {"prompt", "response", "spans": [{"start", "end", "label"}],
+              "correction"?}: the sentences a person would mark (wrong, irrelevant, rude,
+              repeated, good) and, where it helps, a corrected response (--no-corrections: none)
 
 --budget caps the number of labels (rows written), taken in prompt order, so
 the same samples give every kind. The labeler (heed.world.SimulatedLabeler) is
@@ -26,7 +29,7 @@ from heed.template import prompt_key
 from heed.utils import HeedError
 from heed.world import SimulatedLabeler
 
-KINDS = ("pairs", "rankings", "thumbs", "ratings")
+KINDS = ("pairs", "rankings", "thumbs", "ratings", "spans")
 
 
 @dataclass
@@ -39,6 +42,7 @@ class OracleLabelConfig:
     seed: int = option(0, "labeler seed")
     temperature: float = option(0.1, "labeler's Bradley-Terry temperature (on the gold score scale)")
     random_rate: float = option(0.1, "probability of a uniformly random answer")
+    corrections: bool = option(True, "spans: also write a corrected response where the labeler can improve it")
     skip_invalid: bool = option(False, "skip and count malformed sample rows instead of stopping")
 
 
@@ -55,12 +59,13 @@ def group_by_prompt(samples: list[tuple]) -> list[tuple]:
     return list(groups.values())
 
 
-def label(groups: list[tuple], kind: str, labeler, *, k: int = 4, budget: int = 0) -> tuple[list[dict], int]:
+def label(groups: list[tuple], kind: str, labeler, *, k: int = 4, budget: int = 0,
+          corrections: bool = True) -> tuple[list[dict], int]:
     """(feedback rows, number of pairs or groups skipped because they could not be labelled)."""
     rows: list[dict] = []
     skipped = 0
     for prompt, responses in groups:
-        if kind in ("thumbs", "ratings"):
+        if kind in ("thumbs", "ratings", "spans"):
             units = [[r] for r in responses]
         else:
             size = 2 if kind == "pairs" else k
@@ -82,8 +87,13 @@ def label(groups: list[tuple], kind: str, labeler, *, k: int = 4, budget: int = 
             elif kind == "thumbs":
                 row = {"prompt": prompt, "response": unit[0],
                        "label": "up" if labeler.thumbs(prompt, unit[0]) else "down"}
-            else:
+            elif kind == "ratings":
                 row = {"prompt": prompt, "response": unit[0], "score": labeler.rate(prompt, unit[0])}
+            else:
+                row = {"prompt": prompt, "response": unit[0], "spans": labeler.mark(prompt, unit[0])}
+                correction = labeler.correct(prompt, unit[0]) if corrections else None
+                if correction is not None:
+                    row["correction"] = correction
             rows.append(row)
     return rows, skipped
 
@@ -97,7 +107,8 @@ def run(cfg: OracleLabelConfig) -> list[dict]:
     groups = group_by_prompt(samples)
     labeler = SimulatedLabeler(cfg.seed, temperature=cfg.temperature, random_rate=cfg.random_rate)
     try:
-        rows, skipped = label(groups, cfg.kind, labeler, k=cfg.k, budget=cfg.budget)
+        rows, skipped = label(groups, cfg.kind, labeler, k=cfg.k, budget=cfg.budget,
+                              corrections=cfg.corrections)
     except ValueError as e:  # the oracle only knows the world's prompts
         raise HeedError(f"{cfg.samples}: the simulated labeler only labels the embedded world's prompts: "
                         f"{e}") from None

@@ -14,10 +14,11 @@ from typing import Callable, Sequence
 import torch
 
 from heed.config import option
-from heed.data import Pair, Ranking, Rating, Thumb, read_feedback_files, responses_of
-from heed.reward_model import RewardMember, RewardModel
+from heed.data import Marked, Pair, Ranking, Rating, Thumb, read_feedback_files, responses_of
+from heed.reward_model import RewardMember, RewardModel, token_tags
 from heed.rules import load_reward
 from heed.template import prompt_key
+from heed.utils import HeedError
 
 
 def comparisons(rows: list) -> list[tuple[int, int, float]]:
@@ -154,6 +155,49 @@ def evaluate_rows(members, tokenizer, rows: list, cfg_like, gain=None, bias=None
     return feedback_metrics(rows, raw, gain, bias, gold)
 
 
+def span_metrics(rm: RewardModel, rows: list[Marked], *, batch_size: int = 64) -> dict:
+    """How well a token-level reward model finds marked spans it did not train on.
+
+    per_label[l].accuracy: the share of the spans marked l whose tokens the model, on average
+    over them, puts in l rather than outside or in another label (the ensemble's mean tag
+    probabilities); span_accuracy: the same over every span; untagged_accuracy: the share of
+    unmarked tokens it leaves outside every span. Spans of labels the model lacks are skipped.
+    """
+    labels = rm.members[0].labels
+    outputs = rm.token_outputs([r.prompt for r in rows], [r.response for r in rows], batch_size=batch_size)
+    per_label = {label: [0, 0] for label in labels}
+    untagged = [0, 0]
+    for row, (ends, _, probs) in zip(rows, outputs):
+        p = probs.mean(0)                                                    # (R, C)
+        by_label = torch.cat([p[:, :1], p[:, 1::2] + p[:, 2::2]], -1)         # (R, 1 + L): outside, each label
+        tags = token_tags(row.response, ends, row.spans, labels)
+        for t, tag in enumerate(tags):
+            if tag == 0:
+                untagged[0] += int(by_label[t].argmax() == 0)
+                untagged[1] += 1
+        for span in row.spans:
+            if span.label not in per_label:
+                continue
+            tokens = [t for t, tag in enumerate(token_tags(row.response, ends, [span], labels)) if tag]
+            if not tokens:  # cut off by the length limit
+                continue
+            predicted = int(by_label[tokens].mean(0).argmax())
+            per_label[span.label][0] += int(predicted == 1 + labels.index(span.label))
+            per_label[span.label][1] += 1
+    spans = sum(n for _, n in per_label.values())
+    return {"n_rows": len(rows), "n_spans": spans,
+            "span_accuracy": sum(c for c, _ in per_label.values()) / spans if spans else float("nan"),
+            "untagged_accuracy": untagged[0] / untagged[1] if untagged[1] else float("nan"),
+            "per_label": {label: {"n": n, "accuracy": c / n if n else float("nan")}
+                          for label, (c, n) in per_label.items()}}
+
+
+def format_span_metrics(m: dict, name: str) -> str:
+    per = ", ".join(f"{label} {v['accuracy']:.3f} ({v['n']})" for label, v in m["per_label"].items())
+    return (f"{name}: {m['n_rows']} rows, {m['n_spans']} spans; span accuracy {m['span_accuracy']:.3f}, "
+            f"unmarked tokens left unmarked {m['untagged_accuracy']:.3f}; per label: {per}")
+
+
 def format_metrics(m: dict, name: str) -> str:
     parts = [f"{name}: {m['n_rows']} rows, {m['n_comparisons']} comparisons"]
     if "accuracy" in m:
@@ -173,7 +217,7 @@ class RewardEvalConfig:
     model: str = option(help="reward model directory (from `heed rm train`)")
     data: list[str] = option(help="feedback files to evaluate on (any format), comma-separated")
     format: str = option("auto", "feedback format of every file (auto: from the columns)",
-                         choices=("auto", "pairs", "hh", "chat", "rankings", "thumbs", "ratings"))
+                         choices=("auto", "pairs", "hh", "chat", "rankings", "thumbs", "ratings", "spans"))
     batch_size: int = option(64, "sequences scored together")
     oracle: str | None = option(None, "also report accuracy against this rule's scores (module:function; "
                                       "heed.rules:gold on the embedded world)")
@@ -182,10 +226,24 @@ class RewardEvalConfig:
 
 
 def evaluate(cfg: RewardEvalConfig) -> dict:
-    """Pairwise accuracy, calibration and (on the world) gold accuracy, per file and overall."""
+    """Pairwise accuracy, calibration and (on the world) gold accuracy, per file and overall;
+    for spans files, a token-level model's `span_metrics`."""
     rm = RewardModel.load(cfg.model)
     feedbacks = read_feedback_files(cfg.data, cfg.format, cfg.skip_invalid)
     result: dict = {"model": cfg.model, "files": {}, "counts": {}}
+    for f in [f for f in feedbacks if f.kind == "spans"]:
+        if not rm.is_dense:
+            raise HeedError(f"{f.path}: marked spans evaluate a token-level reward model (heed rm train "
+                            f"--format spans); {cfg.model} gives one reward per response")
+        result["files"][f.path] = {"format": f.format, **span_metrics(rm, f.rows, batch_size=cfg.batch_size)}
+        result["counts"]["spans"] = result["counts"].get("spans", 0) + len(f.rows)
+        print(format_span_metrics(result["files"][f.path], f.path))
+    feedbacks = [f for f in feedbacks if f.kind != "spans"]
+    if not feedbacks:
+        if cfg.out:
+            Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(cfg.out).write_text(json.dumps(result, indent=2))
+        return result
     all_rows = []
     for f in feedbacks:
         all_rows += f.rows

@@ -17,10 +17,20 @@ standard deviation 1 (Ziegler et al. 2019; Huang et al. 2023, "N implementation
 details"). All members share the last scale factor, so `std` (the population
 standard deviation across members; 0 when K = 1) is in the units of `mean`.
 
+A token-level member (`TokenRewardMember`, from `heed rm train --format spans`) reads
+every response token instead: its head classifies each token as outside any marked span,
+or beginning or inside a span of each label (BIO tags), and each label carries a reward
+(its sign and weight). A span's reward is earned at its last token (Wu et al. 2023,
+Fine-Grained RLHF): token t gets sum_l w_l * P(t in a span of l) * (1 - P(t + 1 continues
+it)), the expected reward of the spans ending at t, and the response's scalar reward is
+the sum over its tokens, so every scalar path (normalisation, `score`, PPO, `heed rm eval`)
+takes it as it takes any member, and `dense` gives the per-token rewards.
+
 On disk (`save` / `load`):
     reward_model.json     members, gain, bias, lengths, normalisation statistics
     tokenizer files       one tokenizer for every member
     member_0/ …           each member: config.json + model.safetensors (trunk), head.safetensors
+                          (a token-level member also labels.json: its labels and their rewards)
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from heed.models import (
     load_tokenizer,
     make_batch,
     merged,
+    shared_batch,
     shared_width,
 )
 from heed.utils import HeedError, atomic_write_text
@@ -87,6 +98,10 @@ class RewardMember(nn.Module):
         hidden = forward_hidden(self.trunk, input_ids, attention_mask)             # (B, T, d)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
         return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()     # (B,)
+
+    def batch_rewards(self, batch: Batch) -> torch.Tensor:
+        """Raw rewards (B,) of a token batch."""
+        return self(batch.input_ids, batch.attention_mask)
 
     def forward_shared(self, batch: SharedBatch, *, lm_rows: torch.Tensor | None = None):
         """Raw rewards (M,) of responses that share prompts, each prompt run once (models.forward_shared);
@@ -132,9 +147,94 @@ class RewardMember(nn.Module):
         trunk = AutoModel.from_pretrained(str(path), dtype=torch.float32)
         fuse_activations(trunk)
         state = load_file(str(path / "head.safetensors"))
-        head = nn.Linear(state["weight"].shape[1], 1)
+        head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
         head.load_state_dict(state)
+        if (path / LABELS_FILE).exists():
+            labels = json.loads((path / LABELS_FILE).read_text())
+            return TokenRewardMember(trunk, labels["labels"], labels["rewards"], head=head)
         return cls(trunk, head)
+
+
+LABELS_FILE = "labels.json"
+
+
+def token_tags(text: str, char_ends: Sequence[int], spans: Sequence, labels: Sequence[str]) -> list[int]:
+    """BIO tag of each response token (class ids of TokenRewardMember) from spans marked on `text`
+    (objects with start, end, label; character offsets): a token is in a span when a character
+    it covers, other than a space, lies inside it, and the first such token begins the span.
+    Spans of labels not in `labels` are left outside."""
+    index = {label: i for i, label in enumerate(labels)}
+    tags = [0] * len(char_ends)
+    for span in spans:
+        if span.label not in index:
+            continue
+        first = True
+        for t, hi in enumerate(char_ends):
+            lo = char_ends[t - 1] if t else 0
+            a, b = max(lo, span.start), min(hi, span.end)
+            if a < b and text[a:b].strip():
+                tags[t] = 1 + 2 * index[span.label] + (0 if first else 1)
+                first = False
+    return tags
+
+
+class TokenRewardMember(RewardMember):
+    """A member that reads every response token: BIO tags over `labels` (class 0 outside any span,
+    1 + 2l beginning and 2 + 2l inside a span of label l), each label worth `rewards[l]`."""
+
+    def __init__(self, trunk: nn.Module, labels: Sequence[str], rewards: Sequence[float], *,
+                 head: nn.Linear | None = None, seed: int = 0):
+        d = trunk.config.hidden_size
+        if head is None:
+            head = nn.Linear(d, 1 + 2 * len(labels))
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / math.sqrt(d + 1))
+                head.bias.zero_()
+        super().__init__(trunk, head)
+        if len(rewards) != len(labels) or head.out_features != 1 + 2 * len(labels):
+            raise HeedError(f"a token-level head needs 1 + 2 x {len(labels)} classes and one reward per label")
+        self.labels, self.label_rewards = list(labels), [float(r) for r in rewards]
+
+    @classmethod
+    def from_policy(cls, path: str | Path, labels: Sequence[str] = (), rewards: Sequence[float] = (), *,
+                    seed: int = 0, keep_lm_head: bool = False) -> "TokenRewardMember":
+        model, _ = load_policy(path)
+        return cls(model.base_model, labels, rewards, seed=seed)
+
+    def token_logits(self, batch: SharedBatch) -> torch.Tensor:
+        """(M, R, 1 + 2L) tag logits of every response token, each prompt run once."""
+        _, response_hidden = forward_shared(self.trunk, batch)
+        return self.head(response_hidden.to(self.head.weight.dtype)).float()
+
+    def token_rewards(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(M, R) raw per-token rewards from tag logits: each label's reward times the chance
+        that a span of it ends at the token (in it, and the next token does not continue it)."""
+        p = logits.softmax(-1) * mask[..., None]
+        inside = p[..., 1::2] + p[..., 2::2]                           # (M, R, L)
+        continues = torch.zeros_like(inside)
+        continues[:, :-1] = p[:, 1:, 2::2]
+        w = torch.tensor(self.label_rewards, device=p.device, dtype=p.dtype)
+        return ((inside * (1 - continues)) * w).sum(-1) * mask
+
+    def forward(self, input_ids: torch.Tensor | SharedBatch, attention_mask: torch.Tensor | None = None, *,
+                lm_rows: torch.Tensor | None = None, logits: bool = False):
+        """Raw rewards (M,) of a SharedBatch's responses, the sum of their per-token rewards; with
+        `logits`, the (M, R, C) tag logits instead (what training needs, through DDP's forward)."""
+        if not isinstance(input_ids, SharedBatch) or lm_rows is not None:
+            raise ValueError("a token-level member scores SharedBatches (models.shared_batch) only")
+        tag_logits = self.token_logits(input_ids)
+        if logits:
+            return tag_logits
+        return self.token_rewards(tag_logits, input_ids.response_mask.float()).sum(-1)
+
+    def batch_rewards(self, batch: Batch) -> torch.Tensor:
+        return self(batch.share_prompts(1))
+
+    def save(self, path: str | Path) -> None:
+        super().save(path)
+        atomic_write_text(Path(path) / LABELS_FILE, json.dumps({"labels": self.labels,
+                                                                "rewards": self.label_rewards}))
 
 
 class RewardModel(nn.Module):
@@ -163,7 +263,7 @@ class RewardModel(nn.Module):
 
     def raw_rewards(self, batch: Batch) -> torch.Tensor:
         """(K, B) unnormalised rewards, one row per member."""
-        return torch.stack([m(batch.input_ids, batch.attention_mask) for m in self.members])
+        return torch.stack([m.batch_rewards(batch) for m in self.members])
 
     def rewards(self, batch: Batch, *, normalize: bool = True) -> torch.Tensor:
         """(K, B) rewards of token batches (the policy must share this model's tokenizer).
@@ -189,6 +289,48 @@ class RewardModel(nn.Module):
             batch = make_batch(self.tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx],
                                max_prompt_len=self.max_prompt_len, max_response_len=self.max_response_len)
             out[:, idx] = self.raw_rewards(batch.to(device)).cpu()
+        return out
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether the members give per-token rewards (trained on marked spans)."""
+        return all(isinstance(m, TokenRewardMember) for m in self.members)
+
+    @torch.no_grad()
+    def token_outputs(self, prompts: Sequence, responses: Sequence[str], *, batch_size: int = 64
+                      ) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Per response: (each token's end in the text, (K, R) raw per-token rewards, (K, R, C) tag
+        probabilities); responses as this model's tokenizer reads them (EOS included, truncated)."""
+        if not self.is_dense:
+            raise HeedError("per-token rewards need a token-level reward model (heed rm train --format spans)")
+        from heed.generate import response_char_ends
+
+        device = next(self.parameters()).device
+        out: list = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: shared_width(prompts[i], [responses[i]]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = shared_batch(self.tokenizer, [prompts[i] for i in idx], [[responses[i]] for i in idx],
+                                 max_prompt_len=self.max_prompt_len, max_response_len=self.max_response_len).to(device)
+            mask = batch.response_mask.float()
+            logits = [m.token_logits(batch) for m in self.members]
+            rewards = torch.stack([m.token_rewards(x, mask) for m, x in zip(self.members, logits)]).cpu()
+            probs = torch.stack([x.softmax(-1) for x in logits]).cpu()
+            for j, i in enumerate(idx):
+                n = int(mask[j].sum())
+                ids = batch.response_ids[j, :n].tolist()
+                out[i] = (response_char_ends(self.tokenizer, ids), rewards[:, j, :n], probs[:, j, :n])
+        return out
+
+    def dense(self, prompts: Sequence, responses: Sequence[str], *, batch_size: int = 64) -> list[list[tuple[int, float]]]:
+        """Per response, (end character, normalised reward) of every token: the ensemble's mean
+        of gain_k * r_k,t, each member's bias added at the last token; sums equal `score`'s mean."""
+        out = []
+        for ends, rewards, _ in self.token_outputs(prompts, responses, batch_size=batch_size):
+            z = (rewards * self.gain.cpu()[:, None]).mean(0)
+            segments = [(e, float(v)) for e, v in zip(ends, z)]
+            segments.append((ends[-1] if ends else 0, float(self.bias.cpu().mean())))
+            out.append(segments)
         return out
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
@@ -251,6 +393,8 @@ class RewardModel(nn.Module):
         if len(gain) != n or len(bias) != n:
             raise HeedError(f"{meta_file}: gain and bias need {n} values each")
         members = [RewardMember.load(path / f"member_{k}") for k in range(n)]
+        if len({isinstance(m, TokenRewardMember) for m in members}) > 1:
+            raise HeedError(f"{path}: mixes token-level and scalar members")
         info = {k: v for k, v in meta.items() if k not in ("format", "version", "n_members", "gain", "bias",
                                                            "max_prompt_len", "max_response_len")}
         return cls(members, load_tokenizer(path), gain=gain, bias=bias, max_prompt_len=meta["max_prompt_len"],

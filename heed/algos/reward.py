@@ -20,6 +20,14 @@ Departures, deliberate:
 - Centring is not applied to thumbs and ratings: their losses pin the reward's zero already.
 - Pairs marked both_bad are incomparable and not used (Christiano et al. 2017 drop them too).
 - Ratings are standardised with the training set's mean and std before the squared error.
+
+Marked spans (`--format spans`) train a token-level model instead (TokenRewardMember):
+per-token cross-entropy against BIO tags of the marked spans, each row's loss the mean
+over its response tokens; unmarked tokens are "outside". Each label's reward comes from
+--label-rewards, else the data's "label_rewards", else +1 for "good" and -1 for any other
+label. Held out: per-label span accuracy (heed.reward_metrics.span_metrics). Omissions
+cannot be marked, so such a model knows only what was marked (Wu et al. 2023 pair theirs
+with a holistic reward model for completeness; here: `--reward runs/rm_spans,runs/rm`).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from heed.algos.common import (
 )
 from heed.config import option, save as save_config
 from heed.data import (
+    Marked,
     Pair,
     Ranking,
     Rating,
@@ -55,9 +64,10 @@ from heed.data import (
 )
 from heed.generate import sample_prompts
 from heed.losses import bradley_terry_loss, centering_loss, ranking_loss, rating_loss, thumbs_loss
-from heed.models import device_of, load_policy, load_tokenizer, shared_batch, shared_width
-from heed.reward_metrics import evaluate_rows, format_metrics
-from heed.reward_model import RewardMember, RewardModel
+from heed.generate import response_char_ends
+from heed.models import device_of, encode_responses, load_policy, load_tokenizer, shared_batch, shared_width
+from heed.reward_metrics import evaluate_rows, format_metrics, format_span_metrics, span_metrics
+from heed.reward_model import RewardMember, RewardModel, TokenRewardMember, token_tags
 from heed.rules import load_reward
 from heed.utils import HeedError, seed_everything
 
@@ -66,8 +76,11 @@ from heed.utils import HeedError, seed_everything
 class RewardTrainConfig(OfflineConfig):
     model: str = option(help="the SFT model: trunk initialisation, and the policy sampled for normalisation")
     data: list[str] = option(help="feedback files (JSONL, .jsonl.gz, Parquet, dataset dirs), comma-separated")
-    format: str = option("auto", "feedback format of every file (auto: from the columns)",
-                         choices=("auto", "pairs", "hh", "chat", "rankings", "thumbs", "ratings"))
+    format: str = option("auto", "feedback format of every file (auto: from the columns; spans files "
+                                 "train a token-level model)",
+                         choices=("auto", "pairs", "hh", "chat", "rankings", "thumbs", "ratings", "spans"))
+    label_rewards: list[str] = option([], "spans: each label's reward as LABEL=NUMBER, comma-separated (default: "
+                                          "the data's label_rewards, else good=1 and -1 for any other label)")
     eval_data: list[str] = option([], "held-out feedback files (default: hold out --eval-fraction of the prompts)")
     eval_fraction: float = option(0.1, "share of prompts held out when --eval-data is not given")
     epochs: float = option(2.0, "passes over the training rows (per member)")
@@ -211,6 +224,84 @@ def train_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list, he
                   run_dir=member_dir, log_dir=cfg.out, tags={"member": k})
 
 
+POSITIVE_LABELS = ("good",)
+
+
+def span_labels(rows: list[Marked], flag: list[str]) -> tuple[list[str], list[float]]:
+    """(labels, their rewards): every label marked in `rows` or named in the flag, in sorted
+    order; each reward from the flag (LABEL=NUMBER), else the rows' label_rewards (which must
+    agree), else +1 for "good" and -1 otherwise."""
+    given: dict[str, float] = {}
+    for row in rows:
+        for label, value in (row.label_rewards or {}).items():
+            if given.setdefault(label, value) != value:
+                raise HeedError(f"label_rewards disagree across rows for {label!r}: {given[label]} and {value}; "
+                                "set them with --label-rewards")
+    for item in flag:
+        label, sep, value = item.partition("=")
+        try:
+            given[label.strip()] = float(value)
+        except ValueError:
+            raise HeedError(f"--label-rewards: expected LABEL=NUMBER, got {item!r}") from None
+        if not sep or not label.strip():
+            raise HeedError(f"--label-rewards: expected LABEL=NUMBER, got {item!r}")
+    labels = sorted({span.label for row in rows for span in row.spans} | {item.partition("=")[0].strip()
+                                                                          for item in flag})
+    if not labels:
+        raise HeedError("no marked spans in the training rows, and no labels named in --label-rewards")
+    return labels, [given.get(label, 1.0 if label in POSITIVE_LABELS else -1.0) for label in labels]
+
+
+def train_token_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: list[Marked],
+                       heldout_rows: list[Marked], labels: list[str], rewards: list[float]) -> None:
+    """Train token-level member k on marked spans: per-token cross-entropy against BIO tags."""
+    member_dir = Path(cfg.out) / f"member_{k}"
+    if already_trained(member_dir) is not None:
+        return
+    rows = train_rows
+    if cfg.ensemble > 1 and cfg.bootstrap:
+        rng = random.Random(cfg.seed * 1000 + k)
+        rows = [train_rows[rng.randrange(len(train_rows))] for _ in train_rows]
+    tags: dict[int, list[int]] = {}  # per row, computed once: tokenising and decoding prefixes is not free
+
+    def tags_of(row: Marked) -> list[int]:
+        if id(row) not in tags:
+            ids = encode_responses(tokenizer, [row.response], cfg.max_response_len)[0]
+            tags[id(row)] = token_tags(row.response, response_char_ends(tokenizer, ids), row.spans, labels)
+        return tags[id(row)]
+
+    def loss(member, chunk: list[Marked]):
+        batch = shared_batch(tokenizer, [row.prompt for row in chunk], [[row.response] for row in chunk],
+                             max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
+                             pad_to_multiple_of=shape_multiple(cfg)).to(device_of(member))
+        logits = member(batch, logits=True)                                   # (M, R, C)
+        targets = torch.full(logits.shape[:2], -100, dtype=torch.long)
+        for i, row in enumerate(chunk):
+            row_tags = tags_of(row)
+            targets[i, :len(row_tags)] = torch.tensor(row_tags, dtype=torch.long)
+        targets = targets.to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        n_tokens = (targets != -100).sum(-1).clamp(min=1)
+        hit = ((logits.argmax(-1) == targets) & (targets != -100)).sum() / (targets != -100).sum().clamp(min=1)
+        return (nll.sum(-1) / n_tokens).sum(), {"train/tag_accuracy": hit}
+
+    def evaluate(member) -> dict:
+        was = member.training
+        rm = RewardModel([member], tokenizer, max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len)
+        m = span_metrics(rm, heldout_rows, batch_size=max(8, cfg.micro_batch_size * 2))
+        member.train(was)
+        return {"eval/span_accuracy": m["span_accuracy"], "eval/untagged_accuracy": m["untagged_accuracy"]}
+
+    total_steps = max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
+    member = TokenRewardMember.from_policy(cfg.model, labels, rewards, seed=cfg.seed * 1000 + k)
+    member.trunk = prepare_model(member.trunk, cfg)
+    train_offline(member, rows, cfg, total_steps,
+                  stage=f"rm member {k} (token-level)", loss=loss, evaluate=evaluate if heldout_rows else None,
+                  save=lambda member: member.save(member_dir), data_seed=cfg.seed * 1000 + k * 100,
+                  length=lambda row: shared_width(row.prompt, [row.response]),
+                  run_dir=member_dir, log_dir=cfg.out, tags={"member": k})
+
+
 def sft_samples(cfg: RewardTrainConfig, prompts: list) -> tuple[list, list[str]]:
     """Responses of the SFT policy on (a seeded choice of) training prompts, for normalisation."""
     policy, tokenizer = load_policy(cfg.model)
@@ -239,6 +330,13 @@ def train(cfg: RewardTrainConfig) -> dict:
         train_rows, heldout_rows = split_by_prompt(rows, cfg.eval_fraction, cfg.seed)
     if not train_rows:
         raise HeedError("no training rows left after holding out prompts; lower --eval-fraction")
+    kinds = {f.kind for f in feedbacks}
+    token_level = "spans" in kinds
+    if token_level and (len(kinds) > 1 or any(not isinstance(r, Marked) for r in heldout_rows)):
+        raise HeedError("marked spans train a token-level reward model on their own: give only spans files "
+                        "(train another reward model on the other feedback and sum both with --reward)")
+    if token_level and cfg.lm_coef:
+        raise HeedError("--lm-coef applies to scalar reward models, not to a token-level one")
     ratings = [r.score for r in train_rows if isinstance(r, Rating)]
     rating_stats = (0.0, 1.0)
     if ratings:
@@ -252,8 +350,14 @@ def train(cfg: RewardTrainConfig) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     # 2-3. members
+    if token_level:
+        labels, label_rewards = span_labels(train_rows, cfg.label_rewards)
+        print("rm: token-level; label rewards " + ", ".join(f"{l} {w:+g}" for l, w in zip(labels, label_rewards)))
     for k in range(cfg.ensemble):
-        train_member(k, cfg, tokenizer, train_rows, heldout_rows, rating_stats)
+        if token_level:
+            train_token_member(k, cfg, tokenizer, train_rows, heldout_rows, labels, label_rewards)
+        else:
+            train_member(k, cfg, tokenizer, train_rows, heldout_rows, rating_stats)
     from accelerate import PartialState
 
     state = PartialState()
@@ -274,7 +378,10 @@ def train(cfg: RewardTrainConfig) -> dict:
             print(f"rm: normalised on {stats['n_samples']} SFT samples (mean {stats['mean_after']:.3f}, "
                   f"std {stats['std_after']:.3f})")
         # 5. held-out report, then save
-        if heldout_rows:
+        if heldout_rows and token_level:
+            result = span_metrics(rm, heldout_rows, batch_size=max(8, cfg.micro_batch_size * 2))
+            rm.info["heldout"] = result
+        elif heldout_rows:
             oracle = load_reward([cfg.oracle]) if cfg.oracle else None
             result = evaluate_rows(members, tokenizer, heldout_rows, cfg, rm.gain, rm.bias, oracle=oracle)
             rm.info["heldout"] = result
@@ -283,6 +390,6 @@ def train(cfg: RewardTrainConfig) -> dict:
         (out / DONE_FILE).write_text(json.dumps(result))
         print(f"rm: saved to {out} in {time.time() - t0:.0f}s")
         if result:
-            print(format_metrics(result, "held-out"))
+            print(format_span_metrics(result, "held-out") if token_level else format_metrics(result, "held-out"))
     state.wait_for_everyone()
     return result

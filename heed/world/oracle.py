@@ -58,6 +58,8 @@ last user message); anything else raises ValueError.
 
 from __future__ import annotations
 
+import re
+
 from heed.world.kb import BY_NAME, NAMES_LOWER, VALUE_WORDS
 from heed.world.lexicon import EOS_TEXT, HARSH_WORDS, NEGATIONS, POSITIVE_WORDS, ROLE_MARKER, sentences, words
 from heed.world.tasks import Task, parse_prompt
@@ -85,8 +87,9 @@ def _points(criterion: str, q: float) -> float:
 # Reading a response
 # ---------------------------------------------------------------------------
 
-def _claims(ws: list[str], subject: str | None) -> dict[str, set[tuple[str, str, bool]]]:
-    """Distinct (attribute, value, negated) claims per subject entity, read left to right."""
+def _read_claims(ws: list[str], subject: str | None) -> tuple[dict[str, set[tuple[str, str, bool]]], str | None]:
+    """(distinct (attribute, value, negated) claims per subject entity, read left to right;
+    the subject after the last word)."""
     claims: dict[str, set[tuple[str, str, bool]]] = {}
     negated = False
     for w in ws:
@@ -98,7 +101,12 @@ def _claims(ws: list[str], subject: str | None) -> dict[str, set[tuple[str, str,
             attribute, value = VALUE_WORDS[w]
             claims.setdefault(subject, set()).add((attribute, value, negated))
             negated = False
-    return claims
+    return claims, subject
+
+
+def _claims(ws: list[str], subject: str | None) -> dict[str, set[tuple[str, str, bool]]]:
+    """Distinct (attribute, value, negated) claims per subject entity, read left to right."""
+    return _read_claims(ws, subject)[0]
 
 
 def _right(entity: str, claim: tuple[str, str, bool]) -> bool:
@@ -225,6 +233,95 @@ def score_breakdown(prompt: str | list[dict], response: str) -> dict[str, float]
 def score(prompt: str | list[dict], response: str) -> float:
     """The gold score of `response` to a world prompt: in [-3, 1], 1.0 is perfect."""
     return sum(score_breakdown(prompt, response).values())
+
+
+# ---------------------------------------------------------------------------
+# Sentence by sentence: what a person would mark (fine-grained feedback)
+# ---------------------------------------------------------------------------
+
+SPAN_LABELS = ("wrong", "irrelevant", "rude", "repeated", "good")
+_SENTENCE = re.compile(r"[^.!?\n]*[.!?]+|[^.!?\n]+")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) character offsets of the text's sentences, surrounding spaces left out."""
+    out = []
+    for m in _SENTENCE.finditer(text):
+        chunk = m.group()
+        start = m.start() + len(chunk) - len(chunk.lstrip())
+        end = m.end() - (len(chunk) - len(chunk.rstrip()))
+        if end > start:
+            out.append((start, end))
+    return out
+
+
+def judge_spans(prompt: str | list[dict], response: str) -> list[tuple[int, int, str]]:
+    """(start, end, label) of every sentence of `response` a careful person would mark, from
+    the criteria above read sentence by sentence (labels in SPAN_LABELS):
+
+      wrong       a claim that contradicts the KB (the subject carried over from earlier
+                  sentences, as `correctness` reads it), the wrong yes/no, a non-member named
+                  in a list
+      rude        a harsh word where the task did not ask for one (every task but a negative note)
+      repeated    the same words as an earlier sentence
+      irrelevant  says nothing about the asked entity (filler, padding, hedges, another
+                  entity); for yes/no and brief questions, anything after the sentence that
+                  answered; from a role marker or the EOS text on, everything (a new turn)
+      good        the rest, where it states a right claim about the asked entity (a list: names
+                  a member)
+
+    A sentence gets the first label that applies, in that order. What a response leaves out (a
+    description too thin, a note without feeling) has no sentence to mark: span feedback
+    cannot say it, and a correction or a comparison can.
+    """
+    task = parse_prompt(prompt)
+    out: list[tuple[int, int, str]] = []
+    stop = len(response)
+    marker = ROLE_MARKER.search(response)
+    if marker or EOS_TEXT in response:
+        cut = min(marker.start() if marker else stop, response.find(EOS_TEXT) if EOS_TEXT in response else stop)
+        run_on = response[cut:].strip()
+        if run_on:
+            start = cut + response[cut:].index(run_on[0])
+            out.append((start, start + len(run_on), "irrelevant"))
+        stop = cut
+    subject, seen, answered = task.entity, set(), False
+    members = set(task.members) if task.type == "list" else set()
+    for start, end in sentence_spans(response[:stop]):
+        ws = words(response[start:end])
+        if not ws:
+            continue
+        claims, subject = _read_claims(ws, subject)
+        named = {NAMES_LOWER[w] for w in ws if w in NAMES_LOWER}
+        key = tuple(ws)
+        about = claims.get(task.entity, set()) if task.entity else set()
+        if task.type == "list":
+            wrong = bool(named - members)
+        else:
+            wrong = any(not _right(e, c) for e, cs in claims.items() for c in cs)
+            if task.type == "yes_no" and ("yes" in ws or "no" in ws):
+                truth = "yes" if BY_NAME[task.entity].get(task.attribute) == task.value else "no"
+                wrong = wrong or next(w for w in ws if w in ("yes", "no")) != truth
+        harsh = task.type != "note_negative" and any(w in HARSH_WORDS for w in ws)
+        if wrong:
+            label = "wrong"
+        elif harsh:
+            label = "rude"
+        elif key in seen:
+            label = "repeated"
+        elif task.type == "list":
+            label = "good" if named & members else "irrelevant"
+        elif answered or not (about or task.entity in named and not (named - {task.entity})):
+            label = "irrelevant"
+        else:
+            label = "good" if about else None
+        if task.type in ("yes_no", "brief") and (any(a == task.attribute for a, _, _ in about)
+                                                 or "yes" in ws or "no" in ws):
+            answered = True
+        seen.add(key)
+        if label:
+            out.append((start, end, label))
+    return sorted(out)
 
 
 def gold_preference(prompt: str | list[dict], a: str, b: str) -> float:
