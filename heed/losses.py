@@ -101,6 +101,28 @@ def centering_loss(rewards: torch.Tensor) -> torch.Tensor:
     return rewards.sum(-1) ** 2
 
 
+def token_tag_loss(logits: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+    """Per-row mean cross-entropy of token tags (M,): logits (M, R, C), tags (M, R) with -100
+    where no tag is taught (padding). A token-level reward model's loss (Wu et al. 2023 train
+    each fine-grained reward model as a token classifier; here one head with BIO tags)."""
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), tags, ignore_index=-100,
+                                            reduction="none")
+    return nll.sum(-1) / (tags != -100).sum(-1).clamp(min=1)
+
+
+def span_end_rewards(probs: torch.Tensor, label_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards (M, R) from BIO tag probabilities (M, R, 1 + 2L): class 0 outside,
+    1 + 2l beginning and 2 + 2l inside a span of label l. Token t earns
+    sum_l w_l * P(t in a span of l) * (1 - P(t + 1 inside a span of l)): the expected reward of
+    the spans that end at t, each span's reward at its last token (Wu et al. 2023, sec. 2.2,
+    "Fine-Grained RLHF"; they place a segment's reward at its final token)."""
+    p = probs * mask[..., None]
+    inside = p[..., 1::2] + p[..., 2::2]                               # (M, R, L)
+    continues = torch.zeros_like(inside)
+    continues[:, :-1] = p[:, 1:, 2::2]
+    return ((inside * (1 - continues)) * label_rewards.to(p)).sum(-1) * mask
+
+
 # ---------------------------------------------------------------------------
 # Policy optimisation (PPO on language models)
 #

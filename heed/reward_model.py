@@ -43,6 +43,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from heed.losses import span_end_rewards
 from heed.models import (
     Batch,
     SharedBatch,
@@ -209,13 +210,8 @@ class TokenRewardMember(RewardMember):
 
     def token_rewards(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(M, R) raw per-token rewards from tag logits: each label's reward times the chance
-        that a span of it ends at the token (in it, and the next token does not continue it)."""
-        p = logits.softmax(-1) * mask[..., None]
-        inside = p[..., 1::2] + p[..., 2::2]                           # (M, R, L)
-        continues = torch.zeros_like(inside)
-        continues[:, :-1] = p[:, 1:, 2::2]
-        w = torch.tensor(self.label_rewards, device=p.device, dtype=p.dtype)
-        return ((inside * (1 - continues)) * w).sum(-1) * mask
+        that a span of it ends at the token (losses.span_end_rewards)."""
+        return span_end_rewards(logits.softmax(-1), torch.tensor(self.label_rewards), mask)
 
     def forward(self, input_ids: torch.Tensor | SharedBatch, attention_mask: torch.Tensor | None = None, *,
                 lm_rows: torch.Tensor | None = None, logits: bool = False):

@@ -63,7 +63,14 @@ from heed.data import (
     split_by_prompt,
 )
 from heed.generate import sample_prompts
-from heed.losses import bradley_terry_loss, centering_loss, ranking_loss, rating_loss, thumbs_loss
+from heed.losses import (
+    bradley_terry_loss,
+    centering_loss,
+    ranking_loss,
+    rating_loss,
+    thumbs_loss,
+    token_tag_loss,
+)
 from heed.generate import response_char_ends
 from heed.models import device_of, encode_responses, load_policy, load_tokenizer, shared_batch, shared_width
 from heed.reward_metrics import evaluate_rows, format_metrics, format_span_metrics, span_metrics
@@ -280,10 +287,8 @@ def train_token_member(k: int, cfg: RewardTrainConfig, tokenizer, train_rows: li
             row_tags = tags_of(row)
             targets[i, :len(row_tags)] = torch.tensor(row_tags, dtype=torch.long)
         targets = targets.to(logits.device)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-        n_tokens = (targets != -100).sum(-1).clamp(min=1)
         hit = ((logits.argmax(-1) == targets) & (targets != -100)).sum() / (targets != -100).sum().clamp(min=1)
-        return (nll.sum(-1) / n_tokens).sum(), {"train/tag_accuracy": hit}
+        return token_tag_loss(logits, targets).sum(), {"train/tag_accuracy": hit}
 
     def evaluate(member) -> dict:
         was = member.training
