@@ -12,7 +12,7 @@ from sqlalchemy import text
 from heed.feedback.store import AnswerError, Store
 from heed.utils import HeedError
 
-ANSWER_KEYS = {"item_id", "annotator", "kind", "choice", "ranking", "label", "score", "comment",
+ANSWER_KEYS = {"item_id", "annotator", "kind", "choice", "ranking", "label", "score", "spans", "correction", "comment",
                "displayed_order", "created_at", "answered_in", "flag"}
 
 

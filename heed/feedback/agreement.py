@@ -10,7 +10,8 @@
 What is compared, per kind: a pair's choice (in original-response terms, so
 the random sides do not matter; "tie" and "both_bad" are categories of their
 own), a ranking's top response, a thumbs label, a rating's score. Skips are
-not answers and are left out. Both statistics are undefined (None) when there
+not answers and are left out, and so are spans answers: agreement on marked
+spans is not measured. Both statistics are undefined (None) when there
 is no variation to measure.
 """
 
@@ -22,8 +23,8 @@ from typing import Hashable, Sequence
 
 
 def answer_value(answer: dict) -> Hashable | None:
-    """The value agreement is measured on, or None for a skip."""
-    if answer["choice"] == "skip":
+    """The value agreement is measured on, or None for a skip or a spans answer."""
+    if answer["choice"] == "skip" or answer["kind"] == "spans":
         return None
     kind = answer["kind"]
     if kind == "pair":

@@ -3,13 +3,15 @@
     heed label user add --db labels.db --name ana --admin     # prints ana's login token
     heed label serve --db labels.db --queue items.jsonl --guidelines guide.md
     heed label add --db labels.db --queue more.jsonl          # while the server runs
+    heed label add --db labels.db --queue marks.jsonl --labels wrong,rude,good
     heed label export --db labels.db --out pairs.jsonl --kind pairs
 
 The queue file is JSONL, one item per line:
     {"id": "optional", "prompt": "...", "responses": ["...", "..."], "kind": "pair",
      "overlap": 1, "meta": {}}
-with `kind` one of pair (2 responses), ranking (2-9), thumbs (1), rating (1); a
-response may be {"media": "clip.gif"} (png, gif, webp, jpg, mp4, webm; a relative
+with `kind` one of pair (2 responses), ranking (2-9), thumbs (1), rating (1), spans
+(1 text response, whose spans people mark and tag; its "labels" default to --labels);
+a response may be {"media": "clip.gif"} (png, gif, webp, jpg, mp4, webm; a relative
 path is relative to the queue file).
 """
 
@@ -22,17 +24,22 @@ from pathlib import Path
 
 from heed.config import option
 from heed.data import read_rows, write_jsonl
+from heed.feedback.export import EXPORT_KINDS
 from heed.utils import HeedError
 
-EXPORT_CHOICES = ("pairs", "rankings", "thumbs", "ratings")
+EXPORT_CHOICES = tuple(EXPORT_KINDS)
+LABELS_HELP = ("labels a span may be tagged with, for spans items that do not name theirs "
+               "(default: wrong,irrelevant,rude,repeated,good; at most 9, keys 1-9)")
 
 
-def read_queue(path: str | Path, *, overlap: int = 1, skip_invalid: bool = False) -> list[dict]:
+def read_queue(path: str | Path, *, overlap: int = 1, labels: list[str] | None = None,
+               skip_invalid: bool = False) -> list[dict]:
     """Items from a queue file, each validated; a bad row names its line and field."""
     from heed.feedback.store import parse_item
 
     path = Path(path)
-    return read_rows(path, lambda row: parse_item(row, base_dir=path.resolve().parent, default_overlap=overlap),
+    return read_rows(path, lambda row: parse_item(row, base_dir=path.resolve().parent, default_overlap=overlap,
+                                                  default_labels=labels),
                      skip_invalid=skip_invalid, what="items")
 
 
@@ -41,9 +48,22 @@ def _check_overlap(overlap: int) -> None:
         raise HeedError(f"--overlap must be from 1 to 100, got {overlap}")
 
 
-def _add_queue(store, queue: str, overlap: int, skip_invalid: bool) -> tuple[int, int]:
+def _check_labels(labels: list[str] | None) -> None:
+    """--labels, checked once up front rather than as every spans row's error."""
+    from heed.data import FieldError
+    from heed.feedback.store import parse_labels
+
+    if labels is not None:
+        try:
+            parse_labels(labels)
+        except FieldError as e:
+            raise HeedError(f"--labels: {e.message}") from None
+
+
+def _add_queue(store, queue: str, overlap: int, labels: list[str] | None, skip_invalid: bool) -> tuple[int, int]:
     """(items in the file, items newly added)."""
-    parsed = read_queue(queue, overlap=overlap, skip_invalid=skip_invalid)
+    _check_labels(labels)
+    parsed = read_queue(queue, overlap=overlap, labels=labels, skip_invalid=skip_invalid)
     before = store.overview()["total"]
     store.add_items(parsed, default_overlap=overlap)
     return len(parsed), store.overview()["total"] - before
@@ -58,6 +78,7 @@ class ServeConfig:
     guidelines: str | None = option(None, "Markdown file with the labelling guidelines, shown to annotators")
     reward_model: str | None = option(None, "reward-model ensemble directory: serve items it disagrees on first")
     overlap: int = option(1, "independent answers wanted per item, for items that do not say")
+    labels: list[str] | None = option(None, LABELS_HELP)
     skip_invalid: bool = option(False, "skip invalid queue rows (counted) instead of stopping at the first")
     claim_minutes: float = option(15.0, "minutes an item shown to someone stays reserved for them")
     max_body_kb: int = option(64, "largest request body accepted, in KiB")
@@ -83,7 +104,7 @@ def serve(cfg: ServeConfig) -> None:
     store.lock_for_serving()  # one server per database: a second one stops here, naming the first
     sock = _bind(cfg.host, cfg.port)  # before saying "serving": a port in use is an error, not a surprise
     if cfg.queue:
-        n, added = _add_queue(store, cfg.queue, cfg.overlap, cfg.skip_invalid)
+        n, added = _add_queue(store, cfg.queue, cfg.overlap, cfg.labels, cfg.skip_invalid)
         print(f"{cfg.queue}: {n} items, {added} new")
     guidelines = None
     if cfg.guidelines:
@@ -173,6 +194,7 @@ class AddConfig:
     db: str = option(help="database the server uses (SQLite path or SQLAlchemy URL)")
     queue: str = option(help="JSONL file of items to append to the queue")
     overlap: int = option(1, "independent answers wanted per item, for items that do not say")
+    labels: list[str] | None = option(None, LABELS_HELP)
     skip_invalid: bool = option(False, "skip invalid rows (counted) instead of stopping at the first")
 
 
@@ -181,7 +203,7 @@ def add(cfg: AddConfig) -> None:
 
     _check_overlap(cfg.overlap)
     store = Store(cfg.db)
-    n, added = _add_queue(store, cfg.queue, cfg.overlap, cfg.skip_invalid)
+    n, added = _add_queue(store, cfg.queue, cfg.overlap, cfg.labels, cfg.skip_invalid)
     print(f"{cfg.queue}: {n} items, {added} new, {n - added} already queued")
 
 
@@ -190,8 +212,8 @@ class ExportConfig:
     db: str = option(help="database to export from (SQLite path or SQLAlchemy URL)")
     out: str = option(help="JSONL file to write")
     kind: str = option("pairs", "which answers to export", choices=EXPORT_CHOICES)
-    majority: bool = option(False, "one row per item by majority (Borda for rankings, median for ratings) "
-                                   "instead of one row per answer")
+    majority: bool = option(False, "one row per item by majority (Borda for rankings, median for ratings; "
+                                   "not for spans) instead of one row per answer")
 
 
 def export(cfg: ExportConfig) -> None:

@@ -5,6 +5,9 @@
     rankings  {"prompt", "responses": [...], "ranking": [indices into responses, best first]}
     thumbs    {"prompt", "response", "label": "up" | "down"}
     ratings   {"prompt", "response", "score": 1..7}
+    spans     {"prompt", "response", "spans": [{"start", "end", "label"}, ...], "correction"
+              (only where the annotator wrote one)}: offsets are Python string indices into
+              the response (code points, end exclusive), as `heed.data` reads them
 
 Skips are dropped. A media response is written as its file path. By default
 there is one row per answer; with `majority=True`, one row per item:
@@ -12,13 +15,17 @@ there is one row per answer; with `majority=True`, one row per item:
     rankings Borda count (mean position), ties broken by original index
     thumbs   the most common label; an even split drops the item
     ratings  the median score (the lower one of an even count)
+    spans    none: people mark different spans, and no vote makes one answer of them
+             (asking for it is an error)
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-EXPORT_KINDS = {"pairs": "pair", "rankings": "ranking", "thumbs": "thumbs", "ratings": "rating"}
+from heed.utils import HeedError
+
+EXPORT_KINDS = {"pairs": "pair", "rankings": "ranking", "thumbs": "thumbs", "ratings": "rating", "spans": "spans"}
 
 
 def _text(response) -> str:
@@ -51,7 +58,10 @@ def _borda(rankings: list[list[int]], k: int) -> list[int]:
 
 
 def export_rows(items_by_id: dict[str, dict], answers: list[dict], kind: str, *, majority: bool = False) -> list[dict]:
-    """Rows for one export kind ("pairs", "rankings", "thumbs" or "ratings")."""
+    """Rows for one export kind ("pairs", "rankings", "thumbs", "ratings" or "spans")."""
+    if majority and kind == "spans":
+        raise HeedError("a majority is not defined for spans (people mark different spans): "
+                        "export them one row per answer")
     item_kind = EXPORT_KINDS[kind]
     kept = [a for a in answers if a["kind"] == item_kind and a["choice"] != "skip" and a["item_id"] in items_by_id]
     if majority:
@@ -70,6 +80,13 @@ def export_rows(items_by_id: dict[str, dict], answers: list[dict], kind: str, *,
             return [ranking_row(items_by_id[a["item_id"]], a["ranking"]) for a in kept]
         return [ranking_row(items_by_id[i], _borda([a["ranking"] for a in g], len(items_by_id[i]["responses"])))
                 for i, g in grouped.items()]
+    if kind == "spans":
+        for a in kept:
+            item = items_by_id[a["item_id"]]
+            rows.append({"prompt": item["prompt"], "response": item["responses"][0], "spans": a["spans"]})
+            if a["correction"] is not None:
+                rows[-1]["correction"] = a["correction"]
+        return rows
     field = "label" if kind == "thumbs" else "score"
     if not majority:
         for a in kept:

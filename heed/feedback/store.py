@@ -8,7 +8,8 @@ Any other SQLAlchemy URL (`postgresql://...`) works the same way.
 
 Tables:
     items       one row per thing to judge, in queue order (`seq`); `done` counts its
-                non-skip answers, `priority` is the active-selection score (0 = queue order)
+                non-skip answers, `priority` is the active-selection score (0 = queue order);
+                a spans item also keeps the labels its spans may be tagged with
     annotators  name, role, and the SHA-256 of the login token (the token itself is never stored)
     claims      the item each annotator is looking at now, with the order its responses
                 were displayed in, so a reload shows the same sides and `overlap` is not
@@ -44,7 +45,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from sqlalchemy import (
     Column,
@@ -70,15 +71,20 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from heed.data import FieldError, check_text
+from heed.data import FieldError, check_text, get_spans
 from heed.utils import HeedError
 
-KINDS = ("pair", "ranking", "thumbs", "rating")
+KINDS = ("pair", "ranking", "thumbs", "rating", "spans")
 MEDIA_TYPES = {".png": "image/png", ".gif": "image/gif", ".webp": "image/webp", ".jpg": "image/jpeg",
                ".jpeg": "image/jpeg", ".mp4": "video/mp4", ".webm": "video/webm"}
 MAX_RESPONSES = 9          # a ranking is entered with the digit keys 1-9
 MAX_TEXT = 100_000         # characters in a prompt or response
 MAX_COMMENT = 2000
+# What a span can be tagged with, unless the queue says otherwise: the simulated labeler's
+# labels (heed.world.oracle.SPAN_LABELS), so people's marks and the oracle's read alike.
+DEFAULT_SPAN_LABELS = ("wrong", "irrelevant", "rude", "repeated", "good")
+MAX_LABELS = 9             # a span is tagged with the digit keys 1-9
+MAX_LABEL_CHARS = 40
 CLAIM_SECONDS = 15 * 60    # an item shown to someone is held for them this long
 SESSION_SECONDS = 7 * 24 * 3600  # a browser login lasts this long (logout ends it sooner)
 FAST_SECONDS = 1.0         # an answer given sooner than this after its page was shown is flagged
@@ -97,6 +103,7 @@ items = Table(
     Column("done", Integer, nullable=False, default=0),
     Column("priority", Float, nullable=False, default=0.0),
     Column("rm_scores", Text, nullable=True),        # JSON: reward-model mean score per response
+    Column("labels", Text, nullable=True),           # JSON: spans items: the labels a span may have
     Column("created_at", Float, nullable=False),
 )
 # Open items in serving order; partial, so finished items cost nothing to skip past.
@@ -132,6 +139,8 @@ answers = Table(
     Column("ranking", Text, nullable=True),          # JSON: original indices, best first
     Column("label", String(8), nullable=True),       # thumbs: "up" | "down"
     Column("score", Integer, nullable=True),         # ratings: 1..7
+    Column("spans", Text, nullable=True),            # spans: JSON [{"start", "end", "label"}], code points
+    Column("correction", Text, nullable=True),       # spans: the response as the annotator rewrote it
     Column("comment", Text, nullable=True),
     Column("displayed_order", Text, nullable=False),
     Column("shown_at", Float, nullable=False),
@@ -148,7 +157,8 @@ sessions = Table(
     Column("expires_at", Float, nullable=False),
 )
 # Columns added since the first release: an older database gets them on open.
-_ADDED_COLUMNS = {"claims": ("showing", "rendered_at"), "answers": ("answered_in", "flag")}
+_ADDED_COLUMNS = {"items": ("labels",), "claims": ("showing", "rendered_at"),
+                  "answers": ("answered_in", "flag", "spans", "correction")}
 settings = Table(
     "settings", metadata,
     Column("key", String(64), primary_key=True),
@@ -162,6 +172,7 @@ P = bindparam
 _CLAIM = select(claims).where(claims.c.annotator == P("who"))
 _ITEM = select(items).where(items.c.id == P("iid"))
 _ITEM_KIND = select(items.c.kind).where(items.c.id == P("iid"))
+_ITEM_TO_MARK = select(items.c.responses, items.c.labels).where(items.c.id == P("iid"))
 _EXTEND_CLAIM = update(claims).where(claims.c.annotator == P("who")).values(expires_at=P("expires"))
 _RENDER_CLAIM = (update(claims).where(claims.c.annotator == P("who"))
                  .values(expires_at=P("expires"), showing=P("showing"), rendered_at=P("now")))
@@ -220,9 +231,11 @@ def hash_token(token: str) -> str:
 # Items: validation shared by the queue-file reader and `Store.add_items`
 # ---------------------------------------------------------------------------
 
-def parse_item(row: dict, *, base_dir: Path | None = None, default_overlap: int = 1) -> dict:
+def parse_item(row: dict, *, base_dir: Path | None = None, default_overlap: int = 1,
+               default_labels: Sequence[str] | None = None) -> dict:
     """Validate one item; raise FieldError naming the bad field. Relative media paths resolve
-    against `base_dir` (the queue file's folder), and must exist."""
+    against `base_dir` (the queue file's folder), and must exist. A spans item without its own
+    `labels` gets `default_labels` (DEFAULT_SPAN_LABELS when None)."""
     kind = row.get("kind", "pair")
     if kind not in KINDS:
         raise FieldError("kind", f"expected one of {', '.join(KINDS)}, got {kind!r}")
@@ -235,7 +248,7 @@ def parse_item(row: dict, *, base_dir: Path | None = None, default_overlap: int 
     responses = row.get("responses")
     if not isinstance(responses, list):
         raise FieldError("responses", "expected a list of responses")
-    want = {"pair": (2, 2), "ranking": (2, MAX_RESPONSES), "thumbs": (1, 1), "rating": (1, 1)}[kind]
+    want = {"pair": (2, 2), "ranking": (2, MAX_RESPONSES), "thumbs": (1, 1), "rating": (1, 1), "spans": (1, 1)}[kind]
     if not want[0] <= len(responses) <= want[1]:
         n = str(want[0]) if want[0] == want[1] else f"{want[0]} to {want[1]}"
         raise FieldError("responses", f"a {kind} item needs {n} responses, got {len(responses)}")
@@ -245,6 +258,8 @@ def parse_item(row: dict, *, base_dir: Path | None = None, default_overlap: int 
             if len(r) > MAX_TEXT:
                 raise FieldError(f"responses[{i}]", f"longer than {MAX_TEXT} characters")
             clean.append(check_text(f"responses[{i}]", r))
+        elif kind == "spans":
+            raise FieldError(f"responses[{i}]", "a spans item marks text: expected a string")
         elif isinstance(r, dict) and set(r) == {"media"} and isinstance(r["media"], str):
             check_text(f"responses[{i}].media", r["media"])
             try:
@@ -269,24 +284,53 @@ def parse_item(row: dict, *, base_dir: Path | None = None, default_overlap: int 
     meta = row.get("meta", {})
     if not isinstance(meta, dict):
         raise FieldError("meta", "expected a JSON object")
+    labels = row.get("labels")
+    if kind == "spans":
+        if labels is None:
+            labels = DEFAULT_SPAN_LABELS if default_labels is None else default_labels
+        labels = parse_labels(labels)
+    elif labels is not None:
+        raise FieldError("labels", "only spans items have labels")
     item_id = row.get("id")
     if item_id is None:
-        # Content-addressed, so loading the same queue file twice adds nothing twice.
-        body = json.dumps([kind, prompt, clean], sort_keys=True, ensure_ascii=False)
+        # Content-addressed, so loading the same queue file twice adds nothing twice. A spans
+        # item's labels are part of what it asks (other kinds' ids are as they always were).
+        body = json.dumps([kind, prompt, clean] + ([labels] if labels else []), sort_keys=True, ensure_ascii=False)
         item_id = "h" + hashlib.sha256(body.encode()).hexdigest()[:20]
     elif not isinstance(item_id, str) or not 1 <= len(item_id) <= 200 or not item_id.isprintable():
         raise FieldError("id", "expected a printable string of 1 to 200 characters")
-    return {"id": item_id, "kind": kind, "prompt": prompt, "responses": clean, "overlap": overlap, "meta": meta}
+    return {"id": item_id, "kind": kind, "prompt": prompt, "responses": clean, "overlap": overlap, "meta": meta,
+            "labels": labels}
 
 
-def map_answer(kind: str, displayed_order: list[int], form: dict) -> dict:
+def parse_labels(labels) -> list[str]:
+    """A spans item's label set: 1 to 9 distinct names (one digit key each), each printable,
+    without commas (`--labels` is a comma-separated list) or spaces at either end."""
+    if isinstance(labels, str) or not isinstance(labels, (list, tuple)):
+        raise FieldError("labels", f"expected a list of 1 to {MAX_LABELS} label names")
+    if not 1 <= len(labels) <= MAX_LABELS:
+        raise FieldError("labels", f"expected 1 to {MAX_LABELS} labels (one digit key each), got {len(labels)}")
+    for label in labels:
+        if (not isinstance(label, str) or not label.strip() or label != label.strip() or "," in label
+                or len(label) > MAX_LABEL_CHARS or not label.isprintable()):
+            raise FieldError("labels", f"{label!r} is not a label name: use 1 to {MAX_LABEL_CHARS} printable "
+                                       "characters, no comma, no space at either end")
+    if len(set(labels)) != len(labels):
+        raise FieldError("labels", f"each label once: {', '.join(labels)}")
+    return list(labels)
+
+
+def map_answer(kind: str, displayed_order: list[int], form: dict, *, response: str = "",
+               labels: Sequence[str] = ()) -> dict:
     """An answer given in displayed positions -> the stored answer in original-response terms.
 
     `form` keys: `choice` ("A" | "B" | "tie" | "both_bad" | "skip" for pairs; "skip" for any
     kind), `ranking` (displayed positions, best first), `label` ("up" | "down"), `score` (1..7),
+    `spans` and `correction` (see `check_spans`; `response` and `labels` are the spans item's),
     `comment`. Raises AnswerError for anything malformed.
     """
-    out: dict[str, Any] = {"choice": None, "ranking": None, "label": None, "score": None}
+    out: dict[str, Any] = {"choice": None, "ranking": None, "label": None, "score": None, "spans": None,
+                           "correction": None}
     comment = form.get("comment") or None
     if comment is not None:
         if not isinstance(comment, str):
@@ -317,12 +361,47 @@ def map_answer(kind: str, displayed_order: list[int], form: dict) -> dict:
         if form.get("label") not in ("up", "down"):
             raise AnswerError("label: expected up or down")
         out["label"] = form["label"]
+    elif kind == "spans":
+        out["spans"], out["correction"] = check_spans(form.get("spans"), form.get("correction"), response, labels)
     else:
         score = form.get("score")
         if type(score) is not int or not 1 <= score <= 7:
             raise AnswerError("score: expected a whole number from 1 to 7")
         out["score"] = score
     return out
+
+
+def check_spans(spans, correction, response: str, labels: Sequence[str]) -> tuple[list[dict], str | None]:
+    """A spans answer, validated: (spans sorted by start, the correction or None).
+
+    Spans are code-point offsets into `response` (Python string indices, end exclusive), as
+    `heed.data` reads them, and are checked by the same code; each label must be one of the
+    item's. A correction that is blank or the response unchanged (but for line endings) is no
+    correction. An answer must mark something or correct something: an empty one is refused,
+    not stored as "fine".
+    """
+    try:
+        marked = get_spans({"spans": [] if spans is None else spans}, response)
+    except FieldError as e:  # "spans overlap: ..." says its field already
+        raise AnswerError(e.message if e.message.startswith(f"{e.field} ") else f"{e.field}: {e.message}") from None
+    for span in marked:
+        if span.label not in labels:
+            raise AnswerError(f"span {span.start}-{span.end}: {span.label!r} is not one of this item's labels "
+                              f"({', '.join(labels)})")
+    if correction is not None:
+        if not isinstance(correction, str):
+            raise AnswerError("correction: expected a string")
+        if len(correction) > MAX_TEXT:
+            raise AnswerError(f"correction: at most {MAX_TEXT} characters")
+        try:
+            check_text("correction", correction)
+        except FieldError as e:
+            raise AnswerError(f"correction: {e.message}") from None
+        if not correction.strip() or correction.replace("\r\n", "\n") == response.replace("\r\n", "\n"):
+            correction = None  # a browser's textarea turns the response's CRLF into LF and back
+    if not marked and correction is None:
+        raise AnswerError("Mark at least one span or write a correction before submitting (or skip).")
+    return [{"start": s.start, "end": s.end, "label": s.label} for s in marked], correction
 
 
 # ---------------------------------------------------------------------------
@@ -449,7 +528,8 @@ class Store:
 
     # -- items ---------------------------------------------------------------
 
-    def add_items(self, new_items: list[dict], *, default_overlap: int = 1) -> list[str]:
+    def add_items(self, new_items: list[dict], *, default_overlap: int = 1,
+                  default_labels: Sequence[str] | None = None) -> list[str]:
         """Validate and append items to the queue; returns their ids in order.
 
         An item whose id is already stored with the same content is left as it is (so a
@@ -460,7 +540,7 @@ class Store:
             try:
                 if not isinstance(row, dict):
                     raise FieldError(None, f"expected a dict, got {type(row).__name__}")
-                parsed.append(parse_item(row, default_overlap=default_overlap))
+                parsed.append(parse_item(row, default_overlap=default_overlap, default_labels=default_labels))
             except FieldError as e:
                 field = f" field '{e.field}'" if e.field else ""
                 raise HeedError(f"item {n}{field}: {e.message}") from None
@@ -477,18 +557,20 @@ class Store:
             existing: dict[str, tuple] = {}
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
-                for row in conn.execute(select(items.c.id, items.c.kind, items.c.prompt, items.c.responses)
-                                        .where(items.c.id.in_(chunk))):
-                    existing[row.id] = (row.kind, row.prompt, json.loads(row.responses))
+                for row in conn.execute(select(items.c.id, items.c.kind, items.c.prompt, items.c.responses,
+                                               items.c.labels).where(items.c.id.in_(chunk))):
+                    existing[row.id] = (row.kind, row.prompt, json.loads(row.responses),
+                                        None if row.labels is None else json.loads(row.labels))
             rows = []
             for p in parsed:
                 if p["id"] in existing:
-                    if existing[p["id"]] != (p["kind"], p["prompt"], p["responses"]):
+                    if existing[p["id"]] != (p["kind"], p["prompt"], p["responses"], p["labels"]):
                         raise HeedError(f"item id {p['id']!r} is already in the queue with different content")
                     continue
                 rows.append({"id": p["id"], "kind": p["kind"], "prompt": p["prompt"],
                              "responses": json.dumps(p["responses"], ensure_ascii=False),
                              "overlap": p["overlap"], "meta": json.dumps(p["meta"], ensure_ascii=False),
+                             "labels": None if p["labels"] is None else json.dumps(p["labels"], ensure_ascii=False),
                              "done": 0, "priority": 0.0, "created_at": now})
             if rows:
                 conn.execute(insert(items), rows)
@@ -664,14 +746,20 @@ class Store:
                                   "answer it on the current page", 409)
             kind = conn.execute(_ITEM_KIND, {"iid": item_id}).scalar_one()
             order = json.loads(claim.displayed_order)
-            answer = map_answer(kind, order, form)
+            if kind == "spans":  # validated against the response and label set as stored
+                responses, labels = conn.execute(_ITEM_TO_MARK, {"iid": item_id}).one()
+                answer = map_answer(kind, order, form, response=json.loads(responses)[0], labels=json.loads(labels))
+            else:
+                answer = map_answer(kind, order, form)
             answered_in = now - (claim.rendered_at if claim.rendered_at is not None else claim.shown_at)
             flag = "fast" if answer["choice"] != "skip" and answered_in < self.fast_seconds else None
             values = dict(item_id=item_id, annotator=annotator, kind=kind,
                           ranking=None if answer["ranking"] is None else json.dumps(answer["ranking"]),
                           choice=answer["choice"], label=answer["label"], score=answer["score"],
-                          comment=answer["comment"], displayed_order=claim.displayed_order,
-                          shown_at=claim.shown_at, created_at=now, answered_in=answered_in, flag=flag)
+                          spans=None if answer["spans"] is None else json.dumps(answer["spans"], ensure_ascii=False),
+                          correction=answer["correction"], comment=answer["comment"],
+                          displayed_order=claim.displayed_order, shown_at=claim.shown_at, created_at=now,
+                          answered_in=answered_in, flag=flag)
             try:
                 result = conn.execute(insert(answers), values)
             except IntegrityError:  # defence in depth: the unique constraint is the real guard
@@ -721,7 +809,9 @@ class Store:
         for r in rows:
             out.append({"item_id": r.item_id, "annotator": r.annotator, "kind": r.kind, "choice": r.choice,
                         "ranking": None if r.ranking is None else json.loads(r.ranking), "label": r.label,
-                        "score": r.score, "comment": r.comment, "displayed_order": json.loads(r.displayed_order),
+                        "score": r.score, "spans": None if r.spans is None else json.loads(r.spans),
+                        "correction": r.correction, "comment": r.comment,
+                        "displayed_order": json.loads(r.displayed_order),
                         "created_at": iso(r.created_at),
                         "answered_in": None if r.answered_in is None else round(r.answered_in, 3), "flag": r.flag})
         return out
@@ -771,5 +861,6 @@ def _item_dict(row) -> dict:
     return {"seq": row.seq, "id": row.id, "kind": row.kind, "prompt": row.prompt,
             "responses": json.loads(row.responses), "overlap": row.overlap, "meta": json.loads(row.meta),
             "done": row.done, "priority": row.priority,
-            "rm_scores": None if row.rm_scores is None else json.loads(row.rm_scores)}
+            "rm_scores": None if row.rm_scores is None else json.loads(row.rm_scores),
+            "labels": None if row.labels is None else json.loads(row.labels)}
 
