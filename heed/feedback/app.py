@@ -9,7 +9,7 @@ put in a cookie):
     GET  /media/SEQ/K      an item's image or animation
     GET  /admin            progress, agreement, reward-model agreement, export (admins)
     GET  /admin/items, /admin/items/SEQ   every item; who answered one, what, when, how fast
-    GET  /admin/export     ?kind=pairs|rankings|thumbs|ratings[&majority=1], JSONL
+    GET  /admin/export     ?kind=pairs|rankings|thumbs|ratings|spans[&majority=1], JSONL
 The same as JSON, for scripts (`Authorization: Bearer TOKEN`; a cookie works
 too, with the CSRF token in an `X-CSRF-Token` header):
     GET /api/next, POST /api/answer, POST /api/undo, GET /api/progress, GET /api/export
@@ -67,6 +67,7 @@ from heed.feedback.store import (
     User,
     hash_token,
 )
+from heed.utils import HeedError
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "heed_session"
@@ -140,30 +141,81 @@ def segments(text: str) -> list[dict]:
 
 
 @functools.cache
-def _hidden_characters() -> re.Pattern:
+def _hidden_characters(carriage_return: bool = False) -> re.Pattern:
     """Every format (Cf) and control (Cc) character but tab, newline and carriage return:
-    bidirectional overrides and isolates, zero-width spaces and joiners, soft hyphens, BOMs."""
+    bidirectional overrides and isolates, zero-width spaces and joiners, soft hyphens, BOMs.
+    With `carriage_return`, carriage returns too (see `visible`)."""
+    if carriage_return:
+        return re.compile(_hidden_characters().pattern[:-1] + "\\r]")
     hidden = [chr(c) for c in range(0x110000)
               if (cat := unicodedata.category(chr(c))) == "Cf" or (cat == "Cc" and chr(c) not in "\t\n\r")]
     return re.compile("[" + "".join(re.escape(ch) for ch in hidden) + "]")
 
 
-def _mark(ch: str) -> str:
+def _mark(ch: str, at: int | None = None) -> str:
     code = f"U+{ord(ch):04X}"
     name = unicodedata.name(ch, "control character")
-    return f'<span class="cf" title="{code} {escape(name)}">{code}</span>'
+    where = "" if at is None else f' data-at="{at}" data-cp="{ord(ch):X}"'
+    return f'<span class="cf"{where} title="{code} {escape(name)}">{code}</span>'
 
 
-def visible(text: str) -> Markup:
+def visible(text: str, offsets: bool = False) -> Markup:
     """`text` escaped, with every invisible or direction-changing character shown as a mark
-    naming it (U+202E, U+200B, ...), so nothing written is hidden or reordered on screen."""
-    pattern = _hidden_characters()
+    naming it (U+202E, U+200B, ...), so nothing written is hidden or reordered on screen.
+
+    With `offsets` (a response people mark spans of), every run of text and every mark is an
+    element saying where it starts in `text`, in code points (`data-at`), and a mark also which
+    code point it stands for (`data-cp`): the page's script maps a selection back to offsets
+    into `text` itself, whatever the marks look like. Carriage returns are marked too: the HTML
+    parser turns CRLF into one newline, which would shift every offset after it.
+    """
+    pattern = _hidden_characters(carriage_return=offsets)
     out, start = [], 0
+
+    def run(end: int) -> None:
+        if offsets and start < end:
+            out.append(f'<span data-at="{start}">{escape(text[start:end])}</span>')
+        elif not offsets:
+            out.append(str(escape(text[start:end])))
+
     for m in pattern.finditer(text):
-        out += [str(escape(text[start:m.start()])), _mark(m.group())]
+        run(m.start())
+        out.append(_mark(m.group(), m.start() if offsets else None))
         start = m.end()
-    out.append(str(escape(text[start:])))
+    run(len(text))
     return Markup("".join(out))
+
+
+def span_parts(text: str, spans: list[dict]) -> list[dict]:
+    """`text` cut at an answer's spans (sorted, not overlapping): [{"text", "label"}], label None
+    between spans, so a page can show what was marked where."""
+    parts, at = [], 0
+    for span in spans:
+        if span["start"] > at:
+            parts.append({"text": text[at:span["start"]], "label": None})
+        parts.append({"text": text[span["start"]:span["end"]], "label": span["label"]})
+        at = span["end"]
+    if at < len(text):
+        parts.append({"text": text[at:], "label": None})
+    return parts
+
+
+_SPAN_LINE = re.compile(r"([0-9]{1,9})\s*-\s*([0-9]{1,9})\s+(\S.*)")
+
+
+def span_lines(text: str) -> tuple[list[dict], str | None]:
+    """A form's spans, one "START-END LABEL" per line (what the page's script writes, and what
+    someone without the script types) -> (the spans, what is wrong with a line or None)."""
+    spans = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _SPAN_LINE.fullmatch(line.strip())
+        if m is None:
+            return spans, (f"Spans, line {n} ({line.strip()[:60]!r}): write START-END LABEL, "
+                           "for example 12-30 wrong.")
+        spans.append({"start": int(m[1]), "end": int(m[2]), "label": m[3].strip()})
+    return spans, None
 
 
 def render_markdown(text: str) -> str:
@@ -181,7 +233,7 @@ def _templates() -> Jinja2Templates:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
     env.globals.update(segments=segments, media_type=lambda path: MEDIA_TYPES[Path(path).suffix.lower()],
-                       MAX_COMMENT=MAX_COMMENT)
+                       MAX_COMMENT=MAX_COMMENT, span_parts=span_parts)
     env.filters["visible"] = visible
     env.filters["plural"] = plural
     env.filters["pct"] = lambda x: f"{100 * x:.0f}%"
@@ -317,6 +369,11 @@ def describe_answer(answer: dict) -> str:
         return " > ".join(str(k + 1) for k in answer["ranking"])
     if answer["kind"] == "thumbs":
         return "thumbs " + answer["label"]
+    if answer["kind"] == "spans":
+        counts = collections.Counter(span["label"] for span in answer["spans"])
+        marked = ", ".join(f"{label} {n}" for label, n in counts.items())
+        said = f"{plural(len(answer['spans']), 'span')}" + (f" ({marked})" if marked else "")
+        return said + ("; corrected" if answer["correction"] is not None else "")
     return f"{answer['score']} of 7"
 
 
@@ -482,7 +539,8 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
         item, order, showing = shown
         if given is not None and given.get("item_id") != item["id"]:
             given = None  # the values were for another item: never carry them over
-        kept = {"choice": None, "label": None, "score": None, "comment": "", "ranks": {}, **(given or {})}
+        kept = {"choice": None, "label": None, "score": None, "comment": "", "ranks": {}, "spans": "",
+                "correction": "", **(given or {})}
         ctx.update(item=item, shown=shown_responses(item, order), showing=showing, given=kept)
         return templates.TemplateResponse(request, "label.html", ctx, status_code=status)
 
@@ -493,7 +551,7 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
 
     def form_answer(form) -> tuple[dict, str | None]:
         """Browser form fields -> (the displayed-position answer `Store.submit` takes, what is
-        wrong with the ranks if anything)."""
+        wrong with the ranks or the spans' lines if anything)."""
         def small_int(value) -> int | None:  # "1".."999"; anything else is no number at all
             return int(value) if isinstance(value, str) and value.isdecimal() and len(value) <= 3 else None
 
@@ -512,6 +570,12 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
             # rank values must be 1..K, each once; otherwise map_answer refuses it
             answer["ranking"] = (None if problem else
                                  [pos for pos, _ in sorted(ranks.items(), key=lambda kv: kv[1])])
+        if isinstance(form.get("spans"), str):
+            answer["spans"], problem = span_lines(form["spans"])
+            if problem:
+                answer["spans"] = form["spans"]  # left unparsed: the store refuses it (not a list)
+        if isinstance(form.get("correction"), str):
+            answer["correction"] = form["correction"].replace("\r\n", "\n")  # a textarea posts CRLF
         return answer, problem
 
     @app.post("/answer")
@@ -534,7 +598,8 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
             # Shown again with what they chose kept and what is wrong said (no script needed).
             kept = {"item_id": item_id, "choice": form.get("choice"), "label": form.get("label"),
                     "score": form.get("score"), "comment": form.get("comment") or "",
-                    "ranks": {pos: form.get(f"rank_{pos}") for pos in range(MAX_RESPONSES)}}
+                    "ranks": {pos: form.get(f"rank_{pos}") for pos in range(MAX_RESPONSES)},
+                    "spans": form.get("spans") or "", "correction": form.get("correction") or ""}
             notice = problem or ("Choose an answer before submitting." if "expected" in e.message else e.message)
             return await run_in_threadpool(label_page_for, request, user, credential, notice=notice,
                                            given=kept, status=422)
@@ -618,7 +683,10 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
         if kind not in EXPORT_KINDS:
             raise Refused(400, f"kind must be one of {', '.join(EXPORT_KINDS)}")
         items = {item["id"]: item for item in store.all_items()}
-        rows = export_rows(items, store.answers(), kind, majority=majority)
+        try:
+            rows = export_rows(items, store.answers(), kind, majority=majority)
+        except HeedError as e:  # a majority of spans
+            raise Refused(400, str(e)) from None
         body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         name = f"heed-{kind}{'-majority' if majority else ''}.jsonl"
         return Response(body, media_type="application/x-ndjson",
@@ -638,8 +706,9 @@ def create_app(store: Store, *, guidelines: str | None = None, reward_model_name
         if shown is None:
             return JSONResponse({"item": None})
         item, order, showing = shown
+        labels = {"labels": item["labels"]} if item["kind"] == "spans" else {}
         return JSONResponse({"item": {"id": item["id"], "kind": item["kind"], "prompt": item["prompt"],
-                                      "responses": shown_responses(item, order), "showing": showing}})
+                                      "responses": shown_responses(item, order), "showing": showing, **labels}})
 
     async def json_body(request: Request) -> dict:
         try:
