@@ -6,7 +6,10 @@ then `heed rm train` trains on the export. Along the way: a response full of HTM
 script is shown as text and never runs. Then, with and without JavaScript, the Back
 button after an answer never carries that answer onto the next item; and a
 20,000-character response with hidden characters keeps the choices and the progress in
-view at desktop and phone sizes, with the hidden characters shown as marks.
+view at desktop and phone sizes, with the hidden characters shown as marks. Spans are
+marked by keyboard and by a mouse drag over a response with an emoji, a hidden character
+and newlines before them, and the export holds Python's code-point offsets; without
+JavaScript they are typed as offset lines.
 `.ci/install-browser.sh` installs what it needs.
 """
 
@@ -360,3 +363,143 @@ def test_a_long_response_keeps_the_controls_in_view_and_hidden_characters_show(t
     assert sorted(scrolls) == [[False, False], [True, True]]  # the long response scrolls inside its own box
     assert guide_shown and form_still_there == 1 and guide_hidden
     assert line["width"] <= 80 * 16  # one response: a readable line length, not the whole screen
+
+
+# An astral character (2 UTF-16 units, 1 code point) and a zero-width space (shown as a mark
+# 6 characters wide) before every marked span, and newlines between them: offsets counted in
+# JavaScript's units, or in the rendered text's, would be off by one or by more.
+SPANS_RESPONSE = "The mill 🏭 was\u200b built in 1850.\nIt grinds rubber, not grain.\nThanks for asking!"
+SPANS_LABELS = "wrong,irrelevant,rude,good"
+
+
+def test_marking_spans_by_keyboard_and_mouse_exports_code_point_offsets(tmp_path):
+    """Two spans by keyboard, one by a mouse drag, a correction typed, then `heed label export`:
+    the file reads back as spans feedback with exactly the offsets Python gives the words."""
+    sync_api, chromium = browser_parts()
+    from heed import cli
+    from heed.data import read_feedback
+
+    db = tmp_path / "labels.db"
+    queue = tmp_path / "queue.jsonl"
+    queue.write_text(json.dumps({"id": "marks", "kind": "spans", "prompt": "Tell me about the mill.",
+                                 "responses": [SPANS_RESPONSE]}) + "\n", encoding="utf-8")
+    assert cli.main(["label", "add", "--db", str(db), "--queue", str(queue), "--labels", SPANS_LABELS]) == 0
+    store = Store(db)
+    token = store.add_user("ana")
+    correction = "The mill 🏭 was built in 1905.\nIt grinds grain."
+    errors: list[str] = []
+    with serving(create_app(store)) as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.set_default_timeout(15000)
+        log_in(page, url, token)
+        page.wait_for_selector("#spantext")
+        tools_shown = page.locator("button.tagbtn").all_inner_texts()
+        typed_lines_hidden = not page.locator("#spans").is_visible()
+
+        # 1. by keyboard: ↓ to the second line, Ctrl+Shift+→ three words, 1 = wrong
+        page.keyboard.press("ArrowDown")
+        for _ in range(3):
+            page.keyboard.press("Control+Shift+ArrowRight")
+        page.keyboard.press("1")
+        # 2. ↓ to the third line, Home, Shift+End selects it, 2 = irrelevant
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("Home")
+        page.keyboard.press("Shift+End")
+        page.keyboard.press("2")
+
+        # 3. by mouse: drag across "1850" (after the emoji and the mark), then click "rude"
+        def edge(index: int, right: bool) -> tuple[float, float]:
+            """The screen point at the left or right edge of the response's code point `index`."""
+            box = page.evaluate("""([index, right]) => {
+                const piece = Array.from(document.querySelectorAll('#spantext [data-at]'))
+                    .filter((el) => Number(el.dataset.at) <= index).pop();
+                const node = piece.firstChild;
+                let unit = 0;  // code points -> UTF-16 units inside this piece
+                for (const c of Array.from(node.data).slice(0, index - Number(piece.dataset.at))) unit += c.length;
+                const range = document.createRange();
+                range.setStart(node, unit);
+                range.setEnd(node, unit + 1);
+                const r = range.getBoundingClientRect();
+                return {x: right ? r.right - 1 : r.left + 1, y: r.top + r.height / 2};
+            }""", [index, right])
+            return box["x"], box["y"]
+
+        start, end = SPANS_RESPONSE.index("1850"), SPANS_RESPONSE.index("1850") + 4
+        page.mouse.move(*edge(start, right=False))
+        page.mouse.down()
+        page.mouse.move(*edge(start + 2, right=True), steps=4)
+        page.mouse.move(*edge(end - 1, right=True), steps=4)
+        page.mouse.up()
+        page.click("button.tagbtn[data-label=rude]")
+        listed = page.locator("#span-list li").all_inner_texts()
+        highlighted = page.locator("#spantext .tagged.last").evaluate_all(
+            "els => els.map((el) => [el.dataset.label, el.textContent])")
+
+        # 4. a correction, typed; Ctrl+Enter submits from it
+        page.keyboard.press("e")
+        page.keyboard.type(correction)
+        page.screenshot(path=str(tmp_path / "spans.png"), full_page=True)
+        with page.expect_navigation():
+            page.keyboard.press("Control+Enter")
+        done = page.locator("#done").count()
+        browser.close()
+    out = tmp_path / "spans.jsonl"
+    assert cli.main(["label", "export", "--db", str(db), "--out", str(out), "--kind", "spans"]) == 0
+    (answer,) = store.answers()
+    store.close()
+
+    assert not errors, errors
+    assert [" ".join(t.split()) for t in tools_shown] == ["1 wrong", "2 irrelevant", "3 rude", "4 good"]
+    assert typed_lines_hidden
+    assert done == 1 and answer["annotator"] == "ana" and answer["answered_in"] > 0
+
+    def where(part: str, label: str) -> dict:
+        start = SPANS_RESPONSE.index(part)
+        return {"start": start, "end": start + len(part), "label": label}
+
+    expected = [where("1850", "rude"), where("It grinds rubber", "wrong"), where("Thanks for asking!", "irrelevant")]
+    assert [h[1] for h in highlighted] == ["1850", "It grinds rubber", "Thanks for asking!"], highlighted
+    assert len(listed) == 3 and "rude" in listed[0] and "1850" in listed[0], listed
+    (row,) = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert row == {"prompt": "Tell me about the mill.", "response": SPANS_RESPONSE, "spans": expected,
+                   "correction": correction}
+    feedback = read_feedback(out)
+    assert feedback.format == "spans"
+    (marked,) = feedback.rows
+    assert [SPANS_RESPONSE[s.start:s.end] for s in marked.spans] == ["1850", "It grinds rubber", "Thanks for asking!"]
+    assert marked.correction == correction
+
+
+def test_spans_without_javascript_are_typed_as_offset_lines(tmp_path):
+    """No script: no marking tools, but the lines they would write, typed, and the correction;
+    a bad line comes back said and kept."""
+    sync_api, chromium = browser_parts()
+    store = Store(tmp_path / "labels.db")
+    store.add_items([{"id": "marks", "kind": "spans", "prompt": "Tell me about the mill.",
+                      "responses": [SPANS_RESPONSE], "labels": SPANS_LABELS.split(",")}])
+    token = store.add_user("nojs")
+    with serving(create_app(store)) as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_context(java_script_enabled=False).new_page()
+        page.set_default_timeout(15000)
+        log_in(page, url, token)
+        tools = page.locator("button.tagbtn").first.is_visible()
+        page.fill("#spans", "25-29 wrongish")
+        with page.expect_navigation():
+            page.click("#submit")
+        said = page.inner_text(".notice")
+        kept = page.input_value("#spans")
+        page.fill("#spans", "25-29 wrong")
+        page.click("details.correction summary")
+        page.fill("#correction", "Built in 1905.")
+        with page.expect_navigation():
+            page.click("#submit")
+        done = page.locator("#done").count()
+        browser.close()
+    (answer,) = store.answers()
+    store.close()
+    assert not tools and "'wrongish' is not one of this item's labels" in said and kept == "25-29 wrongish"
+    assert done == 1 and answer["spans"] == [{"start": 25, "end": 29, "label": "wrong"}]
+    assert SPANS_RESPONSE[25:29] == "1850" and answer["correction"] == "Built in 1905."
