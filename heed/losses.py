@@ -283,6 +283,24 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     raise ValueError(f"unknown DPO loss type {loss_type!r} (sigmoid, ipo)")
 
 
+def dense_dpo_logps(token_logps: torch.Tensor, mask: torch.Tensor, changed: torch.Tensor,
+                    gamma: float = 5.0) -> torch.Tensor:
+    """The sequence score (B,) of Dense DPO (Yu et al. 2024, RLHF-V, sec. 3.1, eq. 5), which takes
+    the place of log pi(y|x) in dpo_loss, for policy and reference alike:
+
+        (sum_{t in y_u} log p(y_t) + gamma * sum_{t in y_c} log p(y_t)) / N,   N = |y_u| + gamma |y_c|
+
+    y_c the response tokens a correction changed (`changed` 1, within `mask`), y_u the others, so
+    the changed segments count gamma times (RLHF-V: gamma = 5) and N keeps the score a weighted
+    mean per token. token_logps, mask, changed: (B, T); a row with no changed token scores its
+    mean token log-prob; a row with no token, 0. Note that gamma = 1 gives the mean, not
+    DPO's sum (eq. 4): the caller keeps the sum where it means plain DPO.
+    """
+    weights = mask.to(token_logps.dtype) * (1 + (gamma - 1) * changed.to(token_logps.dtype))  # (B, T)
+    total = weights.sum(-1)
+    return (token_logps * weights).sum(-1) / torch.where(total > 0, total, torch.ones_like(total))
+
+
 def rebel_loss(logps_a: torch.Tensor, logps_b: torch.Tensor, old_logps_a: torch.Tensor,
                old_logps_b: torch.Tensor, rewards_a: torch.Tensor, rewards_b: torch.Tensor,
                eta: float) -> torch.Tensor:
