@@ -696,28 +696,6 @@ def read_feedback_files(paths: Sequence[str], fmt: str = "auto", skip_invalid: b
     return [read_feedback(p, format=fmt, skip_invalid=skip_invalid) for p in paths]
 
 
-def read_preference_pairs(paths: Sequence[str], fmt: str = "auto", skip_invalid: bool = False
-                          ) -> tuple[list[Pair], int]:
-    """(pairs with a preference, how many ties were dropped) from pairwise feedback files, any
-    pairwise format (pairs, HH-RLHF, chat); other kinds are refused with a message (DPO's input)."""
-    if not paths:
-        raise HeedError("no feedback files given (--data)")
-    pairs, ties = [], 0
-    for path in paths:
-        feedback = read_feedback(path, format=fmt, skip_invalid=skip_invalid)
-        if feedback.kind != "pairs":
-            raise HeedError(f"{path}: DPO trains on pairs, and this file holds {feedback.format}; "
-                            "convert it or train a reward model on it (`heed rm train`)")
-        for row in feedback.rows:
-            if row.tie:
-                ties += 1
-            else:
-                pairs.append(row)
-    if not pairs:
-        raise HeedError(f"no pairs with a preference in {', '.join(paths)} ({ties} ties)")
-    return pairs, ties
-
-
 def read_reward_pairs(path: str | Path, skip_invalid: bool = False) -> list[dict]:
     """Pairs with both rewards (the output of `heed filter`); ties are kept (their target is 0)."""
     def parse(row: dict) -> dict:

@@ -263,13 +263,13 @@ def test_early_parting_tokens_equal_the_whole_dialogues(tmp_path):
 def test_a_released_file_with_early_parting_rows_loads_whole(tmp_path):
     """Like harmless-base/test.jsonl.gz: most rows part at the last turn, a few earlier; the
     whole file loads, for `heed rm train` and for DPO's reader."""
-    from heed.data import read_preference_pairs
+    from heed.algos.dpo import read_pairs
 
     rows = [{"chosen": hh(*c), "rejected": hh(*r)} for c, r, _ in PARTING.values() if c != r] * 3
     path = write_jsonl(tmp_path / "test.jsonl.gz", rows, gz=True)
     fb = read_feedback(path)
     assert fb.format == "hh" and len(fb.rows) == len(rows) and fb.skipped == 0
-    pairs, ties = read_preference_pairs([str(path)])
+    pairs, ties, _ = read_pairs([str(path)])
     assert len(pairs) == len(rows) and ties == 0
 
 

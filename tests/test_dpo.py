@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from heed.algos.dpo import DPOConfig, run
-from heed.data import read_preference_pairs, write_jsonl
+from heed.algos.dpo import read_pairs
+from heed.data import write_jsonl
 from heed.models import load_policy, make_batch, token_logprobs
 from heed.utils import HeedError
 
@@ -23,15 +24,15 @@ def test_read_pairs_takes_every_pairwise_format_and_drops_ties(tmp_path):
     write_jsonl(tmp_path / "chat.jsonl", [
         {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}],
          "rejected": [{"role": "assistant", "content": "No."}]}])
-    pairs, ties = read_preference_pairs([str(tmp_path / f) for f in ("pairs.jsonl", "hh.jsonl", "chat.jsonl")])
+    pairs, ties, _ = read_pairs([str(tmp_path / f) for f in ("pairs.jsonl", "hh.jsonl", "chat.jsonl")])
     assert ties == 1 and [p.chosen for p in pairs] == ["A cat.", "Hello.", "Hello."]
     assert pairs[1].prompt == [{"role": "user", "content": "Hi"}] == pairs[2].prompt
     write_jsonl(tmp_path / "thumbs.jsonl", [{"prompt": "Hi", "response": "Hello.", "label": "up"}])
     with pytest.raises(HeedError, match="DPO trains on pairs"):
-        read_preference_pairs([str(tmp_path / "thumbs.jsonl")])
+        read_pairs([str(tmp_path / "thumbs.jsonl")])
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi", "chosen": 3, "rejected": "x"}])
     with pytest.raises(HeedError, match="bad.jsonl:1: field 'chosen'"):
-        read_preference_pairs([str(tmp_path / "bad.jsonl")])
+        read_pairs([str(tmp_path / "bad.jsonl")])
 
 
 def full_sequence_logprobs(model, tokenizer, prompts, responses, *, max_prompt_len: int, max_response_len: int):

@@ -155,9 +155,9 @@ def corrected_pair(row: Marked) -> CorrectedPair:
 
 def read_pairs(paths: Sequence[str], fmt: str = "auto", skip_invalid: bool = False
                ) -> tuple[list[Pair], int, int]:
-    """(pairs with a preference, ties dropped, spans rows skipped for want of a correction):
-    pairwise files as `heed.data.read_preference_pairs` reads them, and spans files, each row with
-    a correction that differs from its response a CorrectedPair; other kinds are refused."""
+    """(pairs with a preference, ties dropped, spans rows skipped for want of a correction) from
+    feedback files: pairwise ones (pairs, HH-RLHF, chat), ties dropped, and spans files, each row
+    with a correction that differs from its response a CorrectedPair; other kinds are refused."""
     if not paths:
         raise HeedError("no feedback files given (--data)")
     pairs, ties, uncorrected = [], 0, 0
