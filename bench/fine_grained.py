@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budgets", default="100,300,1000,3000", help="judged responses per run, comma-separated")
     ap.add_argument("--ppo-budgets", default="1000", help="budgets at which PPO trains on each reward model")
     ap.add_argument("--eval-prompts", type=int, default=600, help="held-out prompts for the PPO win rates")
-    ap.add_argument("--rm-eval-prompts", type=int, default=300, help="held-out prompts for the reward models' pairs")
+    ap.add_argument("--rm-eval-prompts", type=int, default=600, help="held-out prompts for the reward models' pairs")
     ap.add_argument("--rm-epochs", type=float, default=3.0)
     ap.add_argument("--rm-lr", type=float, default=3e-4)
     ap.add_argument("--ppo-steps", type=int, default=60)
