@@ -248,6 +248,15 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def ppo_dense_token_rewards(token_scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                            kl_coef: float) -> torch.Tensor:
+    """`ppo_token_rewards` with the score given per token (B, T) instead of per sequence: Fine-Grained
+    RLHF (Wu et al. 2023, sec. 2.2) puts each segment's reward on the segment's last token beside the
+    per-token penalty, r_t = R_t - kl_coef * KL_t. `token_scores` whose row has one nonzero entry, at
+    the last response token, gives `ppo_token_rewards` exactly. (B, T), 0 outside `mask`."""
+    return (token_scores - kl_coef * kl) * mask.to(kl.dtype)
+
+
 # ---------------------------------------------------------------------------
 # Direct and critic-free policy optimisation: DPO, IPO, REBEL, GRPO, RLOO
 #
