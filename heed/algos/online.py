@@ -115,6 +115,7 @@ class Rollout:
     finished: torch.Tensor     # (B,) ended with EOS
     values: torch.Tensor | None = None   # PPO's value estimates
     scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (B,) after `score`
+    token_scores: torch.Tensor | None = None  # (B, T) PPO --dense-rewards: the scores spread over their tokens
 
 
 @dataclass
@@ -234,8 +235,14 @@ class OnlineTrainer:
     def score(self, exp: Rollout) -> tuple[torch.Tensor | None, dict]:
         """(shaped scores, metrics); (None, {}) when a reward is NaN or inf and the iteration is
         skipped (--skip-nonfinite; otherwise the stage stops, naming the prompts)."""
+        raw = torch.tensor(self.reward_fn(exp.prompts, exp.texts), dtype=torch.float32,
+                           device=self.learner.accelerator.device)
+        return self.shape(raw, exp)
+
+    def shape(self, raw: torch.Tensor, exp: Rollout) -> tuple[torch.Tensor | None, dict]:
+        """`score`'s second half, on the raw rewards (B,): the finite check, `shape_scores` and the
+        metrics (PPO's dense rewards come here with their row sums)."""
         acc = self.learner.accelerator
-        raw = torch.tensor(self.reward_fn(exp.prompts, exp.texts), dtype=torch.float32, device=acc.device)
         bad = [p for p, r in zip(exp.prompts, raw.tolist()) if not math.isfinite(r)]
         if not self.learner.finite("the reward", raw, where=f"{self.name} iteration {self.iteration + 1}",
                                    prompts=bad):

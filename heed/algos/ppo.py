@@ -6,9 +6,12 @@ heed/algos/online.py shares with GRPO and RLOO (steps 1-2 and the minibatch loop
               value head's estimates come from that same forward pass
  2. score     reward models and/or rule rewards on the text; normalised with a gain and
               bias fitted on the first rollout (the SFT policy's samples: mean 0, std 1);
-              responses that never emit EOS lose `missing_eos_penalty`
+              responses that never emit EOS lose `missing_eos_penalty`. With `--dense-rewards`
+              the reward's (end, value) segments (heed/rules.py) go on the tokens that complete
+              them, each divided by the gain, the rest of the shaping on the last token
  3. KL        one forward pass of the reference; per-token reward -beta * KL_t, the score
-              added at the last real token
+              added at the last real token (`--dense-rewards`: each segment's at its token,
+              Wu et al. 2023, Fine-Grained RLHF)
  4. whiten    rewards optionally (scale only), advantages always
  5. GAE       gamma = 1, lambda = 0.95
  6. update    PPO epochs over reshuffled minibatches, micro-batches accumulated; clipped
@@ -25,7 +28,8 @@ The checklist of Huang et al. (2023), "The N Implementation Details of RLHF with
 - dropout off in policy, reference, value and reward models (models.disable_dropout) done
 - reward normalisation: gain/bias on SFT samples (reward model, and again here on
   the first rollout so rule rewards are normalised too; `--no-normalize-reward`)    done
-- per-token KL penalty, score at the final token (losses.ppo_token_rewards);
+- per-token KL penalty, score at the final token (losses.ppo_token_rewards; with
+  `--dense-rewards` each segment at its last token, losses.ppo_dense_token_rewards);
   k1 (default) and k3 estimators                                                    done
 - adaptive KL controller (init coef, target, horizon, clipped error)                done
 - EOS trick: `missing_eos_penalty` for responses that never end                      done
@@ -56,18 +60,21 @@ from heed.algos.common import already_trained
 from heed.algos.online import OnlineTrainer, Rollout, RolloutConfig, Rows, iteration_seed
 from heed.config import option
 from heed.data import read_prompts
+from heed.generate import response_char_ends
 from heed.losses import (
     gae,
     kl_penalty,
     masked_mean,
     masked_var,
     masked_whiten,
+    ppo_dense_token_rewards,
     ppo_policy_loss,
     ppo_token_rewards,
     ppo_value_loss,
 )
 from heed.models import Batch, collate, encode_prompts, encode_responses, forward_hidden, token_logprobs, trunk_of
-from heed.rules import load_reward
+from heed.rules import Segments, load_reward, token_rewards
+from heed.utils import HeedError
 
 
 @dataclass(kw_only=True)
@@ -92,6 +99,46 @@ class PPOConfig(RolloutConfig):
     kl_estimator: str = option("k1", "per-token KL estimator in the penalty", choices=("k1", "k3"))
     whiten_rewards: bool = option(False, "whiten per-token rewards (scale only) before GAE")
     separate_critic: bool = option(False, "value head on its own copy of the trunk instead of the policy's")
+    dense_rewards: bool = option(False, "each reward segment on the token that completes it (Wu et al. 2023; rules "
+                                        "returning (end, value) segments, token-level reward models) instead of the "
+                                        "whole score at the last token")
+
+
+def last_token(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the column of each row's last response token (mask (B, T), right-padded responses)."""
+    return (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
+
+
+def segment_token_scores(tokenizer, batch: Batch, mask: torch.Tensor, segments: Sequence[Segments]) -> torch.Tensor:
+    """(B, T) in token columns: each response's (end, value) segments on the response tokens that
+    complete them (rules.token_rewards; one ending with the text on the last token, EOS included),
+    so each row sums to its segments' values. The tokens are the ones sampled, so no re-encoding
+    can split the text differently. Cost: generate.response_char_ends decodes every prefix of
+    every response, O(R^2) per response of R tokens: fine up to a few hundred tokens."""
+    out = torch.zeros_like(mask, dtype=torch.float32)
+    P = batch.prompt_len
+    for i, row in enumerate(segments):
+        n = int(mask[i].sum())
+        ends = response_char_ends(tokenizer, batch.input_ids[i, P:P + n].tolist())
+        out[i, P:P + n] = torch.tensor(token_rewards(row, ends), dtype=torch.float32)
+    return out
+
+
+def shape_token_scores(raw: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, norm: dict | None) -> torch.Tensor:
+    """Per-token scores (B, T) from raw per-token rewards, shaped as `online.shape_scores` shaped their
+    row sums into `scores` (B,): each token's reward divided by the gain, and the rest (-bias / gain,
+    the missing-EOS penalty) at the last response token, where the scalar path puts the whole score;
+    so each row sums to its score, and a reward whose segments all end with the text gives the scalar path's."""
+    token_scores = raw / (norm["gain"] if norm else 1.0)
+    token_scores[torch.arange(len(scores)), last_token(mask)] += scores - token_scores.sum(-1)
+    return token_scores
+
+
+def dense_share(raw: torch.Tensor, mask: torch.Tensor) -> float:
+    """The fraction of the absolute reward placed before each response's last token (0: all at the end)."""
+    before = raw * mask
+    before[torch.arange(len(raw)), last_token(mask)] = 0
+    return float(before.abs().sum() / (raw * mask).abs().sum().clamp(min=1e-12))
 
 
 class ActorCritic(nn.Module):
@@ -142,6 +189,11 @@ class PPOTrainer(OnlineTrainer):
     name = "ppo"
 
     def __init__(self, cfg: PPOConfig, **kwargs):
+        reward_fn = kwargs.get("reward_fn")
+        if cfg.dense_rewards and reward_fn is not None and not callable(getattr(reward_fn, "dense", None)):
+            raise HeedError("ppo --dense-rewards: the reward must give (end, value) segments through "
+                            f"`.dense(prompts, responses)` (a heed.rules.RewardFunction: rules.load_reward); "
+                            f"{type(reward_fn).__name__} gives one number per response")
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
         super().__init__(cfg, **kwargs)
 
@@ -174,12 +226,32 @@ class PPOTrainer(OnlineTrainer):
             exp.values = self.actor_critic(exp.batch, self.cfg.temperature)[2] * exp.mask
         return exp
 
+    # -- 2. score: with --dense-rewards, per token ------------------------------------------------
+    def score(self, exp: Rollout) -> tuple[torch.Tensor | None, dict]:
+        """The shared scoring, and with `--dense-rewards` also `exp.token_scores` (B, T): the reward's
+        segments on their tokens, shaped so each row sums to the score the scalar path gives (the
+        gain and bias are fitted on, and the metrics read, the row sums)."""
+        if not self.cfg.dense_rewards:
+            return super().score(exp)
+        segments = self.reward_fn.dense(exp.prompts, exp.texts)
+        raw = segment_token_scores(self.tokenizer, exp.batch, exp.mask, segments)  # (B, T)
+        scores, metrics = self.shape(raw.sum(-1), exp)
+        if scores is not None:
+            exp.token_scores = shape_token_scores(raw, scores, exp.mask, self.norm if self.cfg.normalize_reward
+                                                  else None)
+            metrics["reward/dense_share"] = dense_share(raw, exp.mask)
+        return scores, metrics
+
     # -- 3.-7. KL penalty, whitening, GAE, PPO update, KL controller -----------------------------
     def optimize(self, exp: Rollout, generator: torch.Generator) -> dict:
         cfg, mask = self.cfg, exp.mask
-        # 3. per-token KL penalty; the score joins at the last response token
+        # 3. per-token KL penalty; the score joins at the last response token, or with dense
+        # rewards each segment's at the token that completes it
         kl = kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * mask
-        rewards = ppo_token_rewards(exp.scores, kl, mask, self.kl_ctl.value)
+        if exp.token_scores is None:
+            rewards = ppo_token_rewards(exp.scores, kl, mask, self.kl_ctl.value)
+        else:
+            rewards = ppo_dense_token_rewards(exp.token_scores, kl, mask, self.kl_ctl.value)
         # 4. whitening (rewards optional, scale only)
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -216,9 +288,11 @@ class PPOTrainer(OnlineTrainer):
         return metrics
 
     # -- the classic API: optimise on given (query, response, reward) triplets -----------------------
-    def step(self, queries: Sequence, responses: Sequence[str], rewards: Sequence[float], *,
+    def step(self, queries: Sequence, responses: Sequence[str], rewards: Sequence[float | Segments], *,
              generator: torch.Generator | None = None) -> dict:
-        """One PPO update on the given texts and scalar rewards (responses are taken as ended).
+        """One PPO update on the given texts and rewards (responses are taken as ended), used as given
+        (no normalisation). A reward is a number, added at the last token, or a list of (end, value)
+        segments of the response's text, each on the token that completes it (as `--dense-rewards`).
         `generator` orders the minibatches (default: seeded by the seed, iteration and process)."""
         if not (len(queries) == len(responses) == len(rewards)) or not queries:
             raise ValueError("step() needs equally many (non-zero) queries, responses and rewards")
@@ -234,8 +308,14 @@ class PPOTrainer(OnlineTrainer):
             with self.reference() as reference:
                 ref_logprobs = token_logprobs(reference, batch, temperature=cfg.temperature)
         exp = Rollout(list(queries), list(responses), batch, mask, logprobs * mask, ref_logprobs * mask,
-                      torch.ones(len(queries), dtype=torch.bool), values=values * mask,
-                      scores=torch.tensor(list(rewards), dtype=torch.float32, device=acc.device))
+                      torch.ones(len(queries), dtype=torch.bool), values=values * mask)
+        if any(isinstance(r, (list, tuple)) for r in rewards):
+            segments = [list(r) if isinstance(r, (list, tuple)) else [(len(text), float(r))]
+                        for r, text in zip(rewards, responses)]
+            exp.token_scores = segment_token_scores(tok, batch, mask, segments)
+            exp.scores = exp.token_scores.sum(-1)
+        else:
+            exp.scores = torch.tensor(list(rewards), dtype=torch.float32, device=acc.device)
         metrics = self.optimize(exp, generator)
         self.iteration += 1
         return metrics
