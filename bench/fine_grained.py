@@ -18,7 +18,9 @@ world's held-out prompts (`heed rm eval --oracle heed.rules:gold`): the share of
 with different gold scores that it orders as gold does. At the `--ppo-budgets`, PPO
 (the demo's settings) trains against each reward model, with `--dense-rewards` for the
 token-level one (each span's reward at its last token), and its gold win rate over the
-SFT policy is measured on the held-out prompts, one sample each, as the demo does.
+SFT policy is measured on the held-out prompts, one sample each, as the demo does. The
+token-level models' per-label accuracy is measured on the held-out pairs' responses, marked
+by the simulated labeler (`heed.reward_metrics.span_metrics`).
 Finished runs are reused, so a killed benchmark resumes. Writes OUT/results.json,
 OUT/table.md and OUT/fine_grained.png.
 """
@@ -32,12 +34,13 @@ from pathlib import Path
 
 from heed.algos.ppo import PPOConfig, run as ppo_run
 from heed.algos.reward import RewardTrainConfig, train as rm_train
-from heed.data import read_prompts, write_jsonl
+from heed.data import read_feedback, read_prompts, write_jsonl
 from heed.evaluate import gold_scores, win_rate
 from heed.generate import generate
 from heed.label_oracle import group_by_prompt, label
 from heed.models import load_policy
-from heed.reward_metrics import RewardEvalConfig, evaluate
+from heed.reward_metrics import RewardEvalConfig, evaluate, span_metrics
+from heed.reward_model import RewardModel
 from heed.world import SimulatedLabeler
 
 KINDS = ("pairs", "spans")
@@ -59,6 +62,17 @@ def heldout_pairs(run: Path, out: Path, n_prompts: int, seed: int) -> Path:
                 better, worse = (a, b) if scores[i] > scores[i + 1] else (b, a)
                 rows.append({"prompt": a.prompt, "chosen": better.response, "rejected": worse.response})
         write_jsonl(path, rows)
+    return path
+
+
+def heldout_spans(out: Path, seed: int) -> Path:
+    """The held-out pairs' responses with their spans marked by the simulated labeler."""
+    path = out / "heldout_spans.jsonl"
+    if not path.exists():
+        pairs = [json.loads(line) for line in (out / "heldout_pairs.jsonl").read_text().splitlines()]
+        labeler = SimulatedLabeler(seed + 1)
+        write_jsonl(path, [{"prompt": p["prompt"], "response": r, "spans": labeler.mark(p["prompt"], r)}
+                           for p in pairs for r in (p["chosen"], p["rejected"])])
     return path
 
 
@@ -121,6 +135,11 @@ def main(argv: list[str] | None = None) -> None:
                                                oracle="heed.rules:gold"))["overall"]
                 entry.update(rows=sum(1 for _ in data.open()), gold_accuracy=ev["gold_accuracy"],
                              gold_pairs=ev["gold_pairs"], rm_seconds=round(time.time() - t0, 1))
+            if kind == "spans" and "per_label" not in entry:  # the token-level model on held-out marks
+                spans = read_feedback(heldout_spans(out, args.seed)).rows
+                m = span_metrics(RewardModel.load(rm_dir), spans)
+                entry.update(span_accuracy=m["span_accuracy"], untagged_accuracy=m["untagged_accuracy"],
+                             per_label={label: v["accuracy"] for label, v in m["per_label"].items()})
             if budget in ppo_budgets and "win_rate_vs_sft" not in entry:
                 t0 = time.time()
                 ppo_dir = out / f"ppo_{kind}_{budget}"
@@ -150,6 +169,14 @@ def table(results: dict) -> str:
                 se = f" ± {r['win_rate_se']:.3f}" if field == "win_rate_vs_sft" and value is not None else ""
                 cells.append("" if value is None else f"{value:.3f}{se}")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    spans = sorted((r for r in results.values() if "per_label" in r), key=lambda r: r["judged_responses"])
+    if spans:
+        labels = list(spans[0]["per_label"])
+        lines += ["", "Token-level reward model, held-out marked spans found (per label) and unmarked tokens left unmarked:",
+                  "", "| judged responses | " + " | ".join(labels) + " | all spans | unmarked tokens |",
+                  "|---" * (len(labels) + 3) + "|"]
+        lines += [f"| {r['judged_responses']} | " + " | ".join(f"{r['per_label'][label]:.3f}" for label in labels)
+                  + f" | {r['span_accuracy']:.3f} | {r['untagged_accuracy']:.3f} |" for r in spans]
     return "\n".join(lines)
 
 
