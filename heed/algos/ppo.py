@@ -50,6 +50,7 @@ policy (as in TRL); the defaults sample from the full distribution.
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -194,6 +195,9 @@ class PPOTrainer(OnlineTrainer):
             raise HeedError("ppo --dense-rewards: the reward must give (end, value) segments through "
                             f"`.dense(prompts, responses)` (a heed.rules.RewardFunction: rules.load_reward); "
                             f"{type(reward_fn).__name__} gives one number per response")
+        if cfg.dense_rewards and reward_fn is not None and not getattr(reward_fn, "is_dense", True):
+            print("ppo --dense-rewards: no term of the reward gives rewards inside a response (no rule, no "
+                  "token-level reward model), so every score still goes on the last token", file=sys.stderr)
         self.kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon, cfg.adaptive_kl)
         super().__init__(cfg, **kwargs)
 
