@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
             if budget in ppo_budgets and "win_rate_vs_sft" not in entry:
                 t0 = time.time()
                 ppo_dir = out / f"ppo_{kind}_{budget}"
-                ppo_run(PPOConfig(policy=str(args.run / "sft"), prompts=str(args.run / "world" / "prompts_train.jsonl"),
+                prompts = str(args.run / "world" / "prompts_train.jsonl")
+                ppo_run(PPOConfig(policy=str(args.run / "sft"), prompts=prompts,
                                   reward=[str(rm_dir)], out=str(ppo_dir), steps=args.ppo_steps, lr=args.ppo_lr,
                                   monitor=["heed.rules:gold"], seed=args.seed, dense_rewards=kind == "spans"))
                 entry["ppo_seconds"] = round(time.time() - t0, 1)
@@ -172,7 +173,8 @@ def table(results: dict) -> str:
     spans = sorted((r for r in results.values() if "per_label" in r), key=lambda r: r["judged_responses"])
     if spans:
         labels = list(spans[0]["per_label"])
-        lines += ["", "Token-level reward model, held-out marked spans found (per label) and unmarked tokens left unmarked:",
+        lines += ["", "Token-level reward model, held-out marked spans found (per label) and unmarked tokens "
+                  "left unmarked:",
                   "", "| judged responses | " + " | ".join(labels) + " | all spans | unmarked tokens |",
                   "|---" * (len(labels) + 3) + "|"]
         lines += [f"| {r['judged_responses']} | " + " | ".join(f"{r['per_label'][label]:.3f}" for label in labels)

@@ -318,7 +318,8 @@ class RewardModel(nn.Module):
                 out[i] = (response_char_ends(self.tokenizer, ids), rewards[:, j, :n], probs[:, j, :n])
         return out
 
-    def dense(self, prompts: Sequence, responses: Sequence[str], *, batch_size: int = 64) -> list[list[tuple[int, float]]]:
+    def dense(self, prompts: Sequence, responses: Sequence[str], *, batch_size: int = 64
+              ) -> list[list[tuple[int, float]]]:
         """Per response, (end character, normalised reward) of every token: the ensemble's mean
         of gain_k * r_k,t, each member's bias added at the last token; sums equal `score`'s mean."""
         out = []

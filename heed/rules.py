@@ -97,7 +97,8 @@ def call_rule_dense(name: str, fn: Rule, prompts: Sequence, responses: Sequence[
             try:
                 segments = [(int(end), float(value)) for end, value in v]
             except (TypeError, ValueError):
-                raise HeedError(f"rule {name}: response {i}: segments must be (end, value) pairs, got {v!r:.80}") from None
+                raise HeedError(f"rule {name}: response {i}: segments must be (end, value) pairs, "
+                                f"got {v!r:.80}") from None
             bad = [(e, x) for e, x in segments if not 0 <= e <= len(responses[i]) or not math.isfinite(x)]
             if bad:
                 raise HeedError(f"rule {name}: response {i}: segment {bad[0]} has an end outside the response's "

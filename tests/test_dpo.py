@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from heed.algos.dpo import DPOConfig, run
-from heed.algos.dpo import read_pairs
+from heed.algos.dpo import DPOConfig, read_pairs, run
 from heed.data import write_jsonl
 from heed.models import load_policy, make_batch, token_logprobs
 from heed.utils import HeedError

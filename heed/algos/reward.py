@@ -62,7 +62,7 @@ from heed.data import (
     responses_of,
     split_by_prompt,
 )
-from heed.generate import sample_prompts
+from heed.generate import response_char_ends, sample_prompts
 from heed.losses import (
     bradley_terry_loss,
     centering_loss,
@@ -71,7 +71,6 @@ from heed.losses import (
     thumbs_loss,
     token_tag_loss,
 )
-from heed.generate import response_char_ends
 from heed.models import device_of, encode_responses, load_policy, load_tokenizer, shared_batch, shared_width
 from heed.reward_metrics import evaluate_rows, format_metrics, format_span_metrics, span_metrics
 from heed.reward_model import RewardMember, RewardModel, TokenRewardMember, token_tags

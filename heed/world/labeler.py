@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import random
-
 import re
 
 from heed.world.kb import BY_NAME, NAMES_LOWER, PLURALS, VALUE_WORDS
