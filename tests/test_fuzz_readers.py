@@ -39,9 +39,11 @@ from hypothesis import assume, given, note, strategies as st
 
 from heed.config import build, load_yaml, option
 from heed.data import (
+    Marked,
     Pair,
     Ranking,
     Rating,
+    Span,
     Thumb,
     read_demos,
     read_feedback,
@@ -50,6 +52,7 @@ from heed.data import (
     read_texts,
 )
 from heed.feedback.cli import read_queue
+from heed.feedback.store import DEFAULT_SPAN_LABELS
 from heed.utils import HeedError
 
 DROP = object()  # a mutation that removes the field
@@ -212,6 +215,18 @@ def _rating(draw):
     return row, Rating(row["prompt"], row["response"], float(row["score"]))
 
 
+def _marked(draw):
+    response = draw(texts)
+    cuts = sorted(set(draw(st.lists(st.integers(0, len(response)), max_size=4))))
+    spans = [{"start": a, "end": b, "label": draw(st.sampled_from(["wrong", "good"]))}
+             for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
+    row = {"prompt": draw(prompts), "response": response, "spans": spans}
+    if draw(st.booleans()):
+        row["correction"] = draw(texts)
+    return row, Marked(row["prompt"], response, [Span(s["start"], s["end"], s["label"]) for s in spans],
+                       row.get("correction"))
+
+
 def _reward_pair(draw):
     row = {"prompt": draw(prompts), "chosen": draw(texts), "rejected": draw(texts),
            "chosen_reward": draw(numbers), "rejected_reward": draw(numbers)}
@@ -236,7 +251,7 @@ def _prompt(draw):
     return row, row["prompt"]
 
 
-QUEUE_SIZES = {"pair": (2, 2), "ranking": (2, 9), "thumbs": (1, 1), "rating": (1, 1)}
+QUEUE_SIZES = {"pair": (2, 2), "ranking": (2, 9), "thumbs": (1, 1), "rating": (1, 1), "spans": (1, 1)}
 
 
 def _item(draw):
@@ -251,8 +266,14 @@ def _item(draw):
         row["meta"] = draw(st.dictionaries(texts, json_junk, max_size=2))
     if draw(st.booleans()):
         row["id"] = draw(st.text(min_size=1, max_size=12).filter(str.isprintable))
+    labels = None
+    if kind == "spans":
+        labels = list(DEFAULT_SPAN_LABELS)
+        if draw(st.booleans()):
+            row["labels"] = labels = draw(st.lists(st.sampled_from(["wrong", "good", "off topic"]), min_size=1,
+                                                   max_size=3, unique=True))
     expected = {"kind": kind, "prompt": row["prompt"], "responses": row["responses"],
-                "overlap": row.get("overlap", 1), "meta": row.get("meta", {})}
+                "overlap": row.get("overlap", 1), "meta": row.get("meta", {}), "labels": labels}
     if "id" in row:
         expected["id"] = row["id"]
     return row, expected
@@ -303,6 +324,14 @@ SPECS = {
     "ratings": Spec("ratings", _feedback_reader("ratings"), _rating, feedback=True, bad={
         "prompt": st.one_of(st.just(DROP), bad_prompt), "response": st.one_of(st.just(DROP), bad_text),
         "score": st.one_of(st.just(DROP), bad_number)}),
+    "spans": Spec("spans", _feedback_reader("spans"), _marked, feedback=True, bad={
+        "prompt": st.one_of(st.just(DROP), bad_prompt), "response": st.one_of(st.just(DROP), bad_text),
+        "spans": st.one_of(st.just(DROP), st.none(), st.just("0-3 wrong"), st.sampled_from([
+            [{"start": 0, "end": 10**6, "label": "wrong"}], [{"start": 1, "end": 1, "label": "wrong"}],
+            [{"start": -1, "end": 1, "label": "wrong"}], [{"start": 0.0, "end": 1, "label": "wrong"}],
+            [{"start": True, "end": 1, "label": "wrong"}], [{"start": 0, "end": 1}],
+            [{"start": 0, "end": 1, "label": ""}], [{"start": 0, "end": 1, "label": 3}], [[0, 1, "wrong"]]])),
+        "correction": bad_text.filter(lambda v: v is not None)}),
     "reward_pairs": Spec("reward_pairs", lambda p, skip, auto: read_reward_pairs(p, skip_invalid=skip),
                          _reward_pair, bad={
         "prompt": st.one_of(st.just(DROP), bad_prompt), "chosen": st.one_of(st.just(DROP), bad_text),
