@@ -76,6 +76,15 @@ def logged_steps(out: Path) -> dict[str, list[int]]:
             for f in sorted(out.rglob("metrics.jsonl"))}
 
 
+def live_steps(out: Path) -> dict[str, list[int]]:
+    """`logged_steps` of a run still going: a checkpoint directory renamed while it is scanned, or
+    a line of metrics half written, reads as nothing logged yet (the caller looks again)."""
+    try:
+        return logged_steps(out)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 def launch(args: list[str], out: Path, log: Path, fault: str | None = None, heed=HEED) -> subprocess.Popen:
     """The stage as its own process, its output going to `log`."""
     env = {k: v for k, v in os.environ.items() if k != "HEED_FAULT"}
@@ -93,7 +102,7 @@ def kill_when_resumed(proc: subprocess.Popen, out: Path, log: Path, steps: int, 
         assert time.time() < deadline, "no progress"
         time.sleep(0.02)
     resumed_at = int(log.read_text().split(" at step ")[1].split()[0])
-    while max([0] + [max(s) for s in logged_steps(out).values() if s]) < resumed_at + steps:
+    while max([0] + [max(s) for s in live_steps(out).values() if s]) < resumed_at + steps:
         if proc.poll() is not None:
             return resumed_at
         assert time.time() < deadline, "no progress"
