@@ -239,11 +239,16 @@ def evaluate(cfg: RewardEvalConfig) -> dict:
         result["counts"]["spans"] = result["counts"].get("spans", 0) + len(f.rows)
         print(format_span_metrics(result["files"][f.path], f.path))
     feedbacks = [f for f in feedbacks if f.kind != "spans"]
-    if not feedbacks:
-        if cfg.out:
-            Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(cfg.out).write_text(json.dumps(result, indent=2))
-        return result
+    if feedbacks:
+        scalar_metrics(rm, feedbacks, cfg, result)
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def scalar_metrics(rm: RewardModel, feedbacks: list, cfg: RewardEvalConfig, result: dict) -> None:
+    """`evaluate`'s pairwise accuracy, calibration and gold accuracy per file and overall, into `result`."""
     all_rows = []
     for f in feedbacks:
         all_rows += f.rows
@@ -268,7 +273,3 @@ def evaluate(cfg: RewardEvalConfig) -> dict:
     if len(feedbacks) > 1:
         print(format_metrics(result["overall"], "overall"))
     print("counts: " + ", ".join(f"{k} {v}" for k, v in result["counts"].items()))
-    if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps(result, indent=2))
-    return result

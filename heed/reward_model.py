@@ -199,7 +199,7 @@ class TokenRewardMember(RewardMember):
 
     @classmethod
     def from_policy(cls, path: str | Path, labels: Sequence[str] = (), rewards: Sequence[float] = (), *,
-                    seed: int = 0, keep_lm_head: bool = False) -> "TokenRewardMember":
+                    seed: int = 0) -> "TokenRewardMember":
         model, _ = load_policy(path)
         return cls(model.base_model, labels, rewards, seed=seed)
 
