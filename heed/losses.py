@@ -179,12 +179,17 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
 
 
+def last_response_token(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the column of each row's last response token (mask (B, T), responses right-padded)."""
+    return (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
+
+
 def ppo_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """PPO's per-token rewards for a language model (Ziegler et al. 2019, sec. 2.2; Stiennon et al.
     2020, eq. 2): -kl_coef * KL_t on every response token (`kl` already masked), and each
     sequence's score (B,) added at its last response token. (B, T)."""
     rewards = -kl_coef * kl
-    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
+    last = last_response_token(mask)
     rewards[torch.arange(len(last)), last] += scores
     return rewards
 

@@ -65,6 +65,7 @@ from heed.generate import response_char_ends
 from heed.losses import (
     gae,
     kl_penalty,
+    last_response_token,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -105,11 +106,6 @@ class PPOConfig(RolloutConfig):
                                         "whole score at the last token")
 
 
-def last_token(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) the column of each row's last response token (mask (B, T), right-padded responses)."""
-    return (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
-
-
 def segment_token_scores(tokenizer, batch: Batch, mask: torch.Tensor, segments: Sequence[Segments]) -> torch.Tensor:
     """(B, T) in token columns: each response's (end, value) segments on the response tokens that
     complete them (rules.token_rewards; one ending with the text on the last token, EOS included),
@@ -131,14 +127,14 @@ def shape_token_scores(raw: torch.Tensor, scores: torch.Tensor, mask: torch.Tens
     the missing-EOS penalty) at the last response token, where the scalar path puts the whole score;
     so each row sums to its score, and a reward whose segments all end with the text gives the scalar path's."""
     token_scores = raw / (norm["gain"] if norm else 1.0)
-    token_scores[torch.arange(len(scores)), last_token(mask)] += scores - token_scores.sum(-1)
+    token_scores[torch.arange(len(scores)), last_response_token(mask)] += scores - token_scores.sum(-1)
     return token_scores
 
 
 def dense_share(raw: torch.Tensor, mask: torch.Tensor) -> float:
     """The fraction of the absolute reward placed before each response's last token (0: all at the end)."""
     before = raw * mask
-    before[torch.arange(len(raw)), last_token(mask)] = 0
+    before[torch.arange(len(raw)), last_response_token(mask)] = 0
     return float(before.abs().sum() / (raw * mask).abs().sum().clamp(min=1e-12))
 
 
