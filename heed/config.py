@@ -235,6 +235,11 @@ def build(cls: type, values: dict, source: str | None = None) -> Any:
                 raise HeedError(f"{where}: field '{key}': {e}") from None
             raise HeedError(f"config field '{name}': {e}") from None
         kwargs[name] = value
+    # a stage may give defaults of its own for what was chosen (`defaults_for`): under YAML and flags
+    defaults_for = getattr(cls, "defaults_for", None)
+    for name, raw in (defaults_for(kwargs) if defaults_for else {}).items():
+        if name not in kwargs:
+            kwargs[name] = _parse_value(name, hints[name], raw)
     missing = [n for n, f in known.items()
                if n not in kwargs and f.default is MISSING and f.default_factory is MISSING]
     if missing:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from heed.control.envs import FixedHorizon, PreferenceEnv, evaluate
+from heed.control.envs import FixedHorizon, evaluate, preference_env
 from heed.control.labelers import HumanLabeler, SyntheticOracle
 from heed.control.queries import ClipPairs, labels_due, member_preferences, sample_pairs, select_queries
 from heed.control.reward_model import Comparisons, EnsembleTrainer, RewardEnsemble, preference_loss
@@ -170,11 +170,12 @@ class FakeStore:
 def test_human_labeler_renders_gifs_and_reads_answers(tmp_path):
     from PIL import Image
 
-    env = PreferenceEnv(FixedHorizon(gym.make("HeedReach1D-v0", render_mode="rgb_array"), 20), record_frames=True)
+    env = preference_env("HeedReach1D-v0", 20, render=True)
     for seed in (0, 1):
-        env.reset(seed=seed)
+        env.seed(seed)
+        env.reset()
         for _ in range(20):
-            env.step(env.action_space.sample())
+            env.step(np.stack([env.action_space.sample()]))
     assert len(env.episodes) == 2
     pairs = sample_pairs(list(env.episodes), 5, 6, np.random.default_rng(0))
     assert pairs.frames0 is not None and pairs.frames0[0].shape == (6, 8, 40, 3)
@@ -265,10 +266,11 @@ def test_tiny_run_beats_a_random_policy(tmp_path, monkeypatch):
 def test_human_labeler_with_the_feedback_store(tmp_path):
     """The same labeler against the real app store, when it is installed."""
     store_mod = pytest.importorskip("heed.feedback.store")
-    env = PreferenceEnv(FixedHorizon(gym.make("HeedReach1D-v0", render_mode="rgb_array"), 20), record_frames=True)
-    env.reset(seed=0)
+    env = preference_env("HeedReach1D-v0", 20, render=True)
+    env.seed(0)
+    env.reset()
     for _ in range(20):
-        env.step(env.action_space.sample())
+        env.step(np.stack([env.action_space.sample()]))
     pairs = sample_pairs(list(env.episodes), 2, 6, np.random.default_rng(0))
     store = store_mod.Store(tmp_path / "feedback.db")
     labeler = HumanLabeler(store, tmp_path / "clips")
@@ -300,12 +302,15 @@ def test_human_labeler_recovers_queries_sent_after_the_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("agent", [{}, {"algo": "ppo", "n_envs": 2, "normalize": True,
+                                       "rl_kwargs": "{n_steps: 50, batch_size: 50, n_epochs: 2}"}],
+                         ids=["sac", "ppo-2-envs-normalized"])
+def test_killed_run_resumes(tmp_path, monkeypatch, agent):
     from heed.control.train import Checkpoint
 
     cfg = ControlTrainConfig(env="HeedReach1D-v0", out=str(tmp_path), total_timesteps=700, initial_steps=100,
                              round_steps=200, labels=30, clip_length=5, eval_every=400, eval_episodes=2,
-                             baseline=False, rm_initial_steps=20, rm_steps=10, net_arch=[16, 16])
+                             baseline=False, rm_initial_steps=20, rm_steps=10, net_arch=[16, 16], **agent)
     real_save = Checkpoint.save
 
     def save_then_die(self, *args):
@@ -318,6 +323,7 @@ def test_killed_run_resumes(tmp_path, monkeypatch):
     state = Checkpoint.load(tmp_path / "checkpoint_learned")
     labels_then = len(state.comparisons)
     assert 0 < labels_then < 30
+    assert (tmp_path / "checkpoint_learned" / "vec_normalize.pkl").exists() == bool(agent)
     monkeypatch.setattr(Checkpoint, "save", real_save)
     report = train(cfg)
     assert report["learned"]["env_steps"] == 700 and report["learned"]["labels_used"] == 30
@@ -326,3 +332,65 @@ def test_killed_run_resumes(tmp_path, monkeypatch):
     assert steps == sorted(set(steps))  # no round logged twice
     with pytest.raises(Exception, match="different settings"):
         train(ControlTrainConfig(**{**dataclasses.asdict(cfg), "labels": 40}))
+
+
+def test_vectorised_recorder_keeps_each_copys_episodes_and_batches_the_learned_reward():
+    env = preference_env("HeedReach1D-v0", 20, n_envs=3)
+    calls = []
+
+    def reward_fn(obs, act):
+        calls.append(len(obs))
+        return obs[:, 0] + act[:, 0]  # any function of (obs, action), per row
+
+    env.reward_fn = reward_fn
+    env.seed(0)
+    obs = env.reset()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        act = rng.uniform(-1, 1, size=(3, 1)).astype(np.float32)
+        new_obs, rewards, dones, infos = env.step(act)
+        assert np.allclose(rewards, obs[:, 0] + act[:, 0])  # the learned reward, in place of the true one
+        assert all("true_reward" in i for i in infos)
+        obs = new_obs
+    assert calls == [3] * 20  # one call per step for all copies
+    assert env.steps == 60 and env.episodes_done == 3 and len(env.episodes) == 3
+    assert all(ep.end_step == 60 and len(ep.obs) == 20 for ep in env.episodes)
+    starts = [ep.obs[0, 0] for ep in env.episodes]
+    assert len(set(starts)) == 3  # three copies, three different episodes
+    for ep in env.episodes:  # each episode is one copy's own trajectory: x moves by 0.25 * action
+        moved = np.clip(ep.obs[:-1, 0] + 0.25 * ep.actions[:-1, 0], -2, 2)
+        assert np.allclose(moved, ep.obs[1:, 0], atol=1e-5)
+        assert np.allclose(ep.true_rewards[:-1], -np.abs(ep.obs[1:, 0] - 1.0), atol=1e-5)
+
+
+def test_environment_defaults_sit_under_yaml_and_flags(tmp_path):
+    from heed import config
+
+    cheetah = config.build(ControlTrainConfig, {"env": "HalfCheetah-v5"})
+    assert cheetah.algo == "ppo" and cheetah.normalize and cheetah.labels == 1400 and cheetah.n_envs > 1
+    assert config.build(ControlTrainConfig, {"env": "HalfCheetah-v5", "algo": "sac", "labels": 700}).algo == "sac"
+    plain = config.build(ControlTrainConfig, {"env": "Pendulum-v1"})
+    assert plain == ControlTrainConfig(env="Pendulum-v1")  # other environments keep the dataclass defaults
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("env: HalfCheetah-v5\nn_envs: 2\n")
+    import argparse
+
+    ns = argparse.Namespace(config=str(yaml_file), total_timesteps=5000)
+    cfg = config.from_namespace(ControlTrainConfig, ns)
+    assert (cfg.n_envs, cfg.total_timesteps, cfg.algo) == (2, 5000, "ppo")
+
+
+def test_rl_kwargs_reach_the_agent_and_bad_ones_are_named():
+    from heed.control.train import _make_agent
+    from heed.utils import HeedError
+
+    env = preference_env("HeedReach1D-v0", 20, n_envs=2)
+    cfg = ControlTrainConfig(env="HeedReach1D-v0", algo="ppo", n_envs=2,
+                             rl_kwargs="{n_steps: 16, batch_size: 32, gamma: 0.9, "
+                                       "policy_kwargs: {activation_fn: relu}}")
+    agent = _make_agent(cfg, env, 0)
+    assert agent.n_steps == 16 and agent.gamma == 0.9 and agent.policy.activation_fn is torch.nn.ReLU
+    for bad, said in (("{n_stepz: 3}", "n_stepz"), ("[1, 2]", "mapping"), ("{a: [", "not YAML"),
+                      ("{policy_kwargs: {activation_fn: swish}}", "swish")):
+        with pytest.raises(HeedError, match=said):
+            _make_agent(dataclasses.replace(cfg, rl_kwargs=bad), env, 0)

@@ -43,19 +43,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from stable_baselines3.common.vec_env import VecNormalize
 
 from heed import config as heed_config
 from heed.config import option
-from heed.control.envs import PreferenceEnv, default_horizon, evaluate, make_env
+from heed.control.envs import default_horizon, evaluate, preference_env
 from heed.control.labelers import HumanLabeler, SyntheticOracle, open_store
 from heed.control.queries import labels_due, member_preferences, sample_clips, sample_pairs, select_queries
 from heed.control.reward_model import Comparisons, EnsembleTrainer, RewardEnsemble
-from heed.utils import HeedError, MetricsLogger, atomic_write_text, fault_point, progress, seed_everything
+from heed.utils import (
+    HeedError,
+    MetricsLogger,
+    atomic_write_text,
+    fault_point,
+    progress,
+    read_metrics,
+    seed_everything,
+)
 
 
 @dataclass
 class ControlTrainConfig:
-    env: str = option(help="Gymnasium environment id with vector observations, e.g. Pendulum-v1")
+    env: str = option(help="Gymnasium environment id with vector observations, e.g. Pendulum-v1; "
+                           "HalfCheetah gets its own defaults (see docs/control.md), under YAML and flags")
     out: str = option("runs/control", "output directory: metrics, reward ensemble, policy, report")
     seed: int = option(0, "random seed (environment, agent, reward model, queries)")
     reward: str = option("learned", "train on the learned reward from preferences, or only on the true reward",
@@ -67,8 +77,13 @@ class ControlTrainConfig:
     initial_steps: int = option(1000, "warm-up steps of random actions before RL; the initial labels come from them")
     round_steps: int = option(1000, "environment steps between label / reward-model rounds")
     horizon: int = option(0, "fixed episode length (0: the environment's own time limit)")
+    n_envs: int = option(1, "copies of the environment stepped together (vectorised, in one process)")
+    normalize: bool = option(False, "the agent sees observations and rewards normalised by running statistics "
+                                    "(SB3's VecNormalize); the reward model and the labeler see the raw ones")
     net_arch: list[int] = option([64, 64], "hidden sizes of the policy and value networks")
     rl_lr: float = option(1e-3, "learning rate of the RL algorithm")
+    rl_kwargs: str = option("", "more Stable-Baselines3 arguments, a YAML mapping such as '{n_steps: 512, "
+                                "gamma: 0.98}'; policy_kwargs may name activation_fn: relu, tanh, elu, leaky_relu")
     labels: int = option(700, "label budget: comparisons asked in the whole run")
     initial_label_fraction: float = option(0.25, "fraction of the budget asked before RL starts (paper: 0.25)")
     label_decay: float = option(0.25, "label rate ∝ 1/(t + τ), τ = this × RL steps; smaller front-loads more")
@@ -103,6 +118,50 @@ class ControlTrainConfig:
     resume: bool = option(True, "continue from the checkpoint in --out when there is one (saved every round)")
 
 
+# Defaults that learn on 2 CPU cores, per environment family (ids starting with the key); a YAML file
+# and flags override each one. HalfCheetah: PPO with RL Baselines3 Zoo's published hyperparameters for
+# it (normalised observations and rewards, 256x256 ReLU networks, initial action std e^-2). SAC needs
+# fewer steps there but runs about 45 steps a second on these cores against PPO's 400 or so.
+ENV_DEFAULTS: dict[str, dict] = {
+    "HalfCheetah": dict(
+        algo="ppo", total_timesteps=200_000, initial_steps=10_000, round_steps=5_000, labels=1400,
+        n_envs=4, normalize=True, net_arch=[256, 256], rl_lr=2.0633e-5,
+        rl_kwargs="{n_steps: 128, batch_size: 64, gamma: 0.98, gae_lambda: 0.92, n_epochs: 20, clip_range: 0.1, "
+                  "ent_coef: 0.000401762, vf_coef: 0.58096, max_grad_norm: 0.8, "
+                  "policy_kwargs: {log_std_init: -2, ortho_init: false, activation_fn: relu}}",
+        eval_every=50_000),
+}
+
+
+def _defaults_for(given: dict) -> dict:
+    env = str(given.get("env") or "")
+    return next((dict(d) for prefix, d in ENV_DEFAULTS.items() if env.startswith(prefix)), {})
+
+
+ControlTrainConfig.defaults_for = staticmethod(_defaults_for)
+
+ACTIVATIONS = {"relu": "ReLU", "tanh": "Tanh", "elu": "ELU", "leaky_relu": "LeakyReLU"}
+
+
+def _rl_kwargs(cfg: ControlTrainConfig) -> dict:
+    """--rl-kwargs as keyword arguments for the SB3 algorithm, activation names made torch.nn classes."""
+    import yaml
+
+    try:
+        extra = yaml.safe_load(cfg.rl_kwargs) if cfg.rl_kwargs.strip() else {}
+    except yaml.YAMLError as e:
+        raise HeedError(f"--rl-kwargs is not YAML: {e}") from None
+    if not isinstance(extra, dict):
+        raise HeedError(f"--rl-kwargs must be a mapping such as '{{gamma: 0.98}}', got {cfg.rl_kwargs!r}")
+    policy_kwargs = dict(extra.pop("policy_kwargs", None) or {})
+    act = policy_kwargs.get("activation_fn")
+    if isinstance(act, str):
+        if act.lower() not in ACTIVATIONS:
+            raise HeedError(f"--rl-kwargs: activation_fn {act!r} is not one of {', '.join(ACTIVATIONS)}")
+        policy_kwargs["activation_fn"] = getattr(torch.nn, ACTIVATIONS[act.lower()])
+    return {"policy_kwargs": {"net_arch": list(cfg.net_arch), **policy_kwargs}, **extra}
+
+
 def _check(cfg: ControlTrainConfig) -> None:
     if cfg.total_timesteps <= cfg.initial_steps:
         raise HeedError("--total-timesteps must exceed --initial-steps")
@@ -126,13 +185,15 @@ def _make_agent(cfg: ControlTrainConfig, env, seed: int):
     import gymnasium as gym
 
     cls = _agent_class(cfg)
-    common = dict(policy_kwargs={"net_arch": list(cfg.net_arch)}, learning_rate=cfg.rl_lr, seed=seed,
-                  verbose=0, device="cpu")
+    common = dict(learning_rate=cfg.rl_lr, seed=seed, verbose=0, device="cpu", **_rl_kwargs(cfg))
     if cfg.algo in ("sac", "td3"):
         if not isinstance(env.action_space, gym.spaces.Box):
             raise HeedError(f"--algo {cfg.algo} needs continuous actions; use --algo ppo or a2c")
-        return cls("MlpPolicy", env, learning_starts=cfg.initial_steps, buffer_size=cfg.total_timesteps, **common)
-    return cls("MlpPolicy", env, **common)
+        common = dict(learning_starts=cfg.initial_steps, buffer_size=cfg.total_timesteps, **common)
+    try:
+        return cls("MlpPolicy", env, **common)
+    except TypeError as e:  # an argument the algorithm does not take
+        raise HeedError(f"--algo {cfg.algo} with --rl-kwargs {cfg.rl_kwargs!r}: {e}") from None
 
 
 def _relabel_replay(agent, ensemble: RewardEnsemble) -> None:
@@ -143,9 +204,9 @@ def _relabel_replay(agent, ensemble: RewardEnsemble) -> None:
     n = buf.buffer_size if buf.full else buf.pos
     if n == 0:
         return
-    obs = buf.observations[:n, 0]
-    actions = agent.policy.unscale_action(buf.actions[:n, 0])  # SB3 stores Box actions scaled to [-1, 1]
-    buf.rewards[:n, 0] = ensemble.reward(obs, actions)
+    obs = buf.observations[:n].reshape(n * buf.n_envs, -1)  # (steps, envs, D): raw, even under VecNormalize
+    actions = agent.policy.unscale_action(buf.actions[:n].reshape(n * buf.n_envs, -1))  # stored scaled to [-1, 1]
+    buf.rewards[:n] = ensemble.reward(obs, actions).reshape(n, buf.n_envs)
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -183,6 +244,8 @@ class Checkpoint:
         agent.save(str(tmp / "agent.zip"))
         if getattr(agent, "replay_buffer", None) is not None:
             agent.save_replay_buffer(str(tmp / "replay_buffer.pkl"))
+        if agent.get_vec_normalize_env() is not None:  # the running statistics the policy was trained under
+            agent.get_vec_normalize_env().save(str(tmp / "vec_normalize.pkl"))
         with open(tmp / "state.pkl", "wb") as f:
             pickle.dump({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, f)
         old = ckpt_dir.with_name(ckpt_dir.name + ".old")
@@ -221,8 +284,12 @@ class AgentRun:
         if cfg.clip_length > self.horizon:
             raise HeedError(f"--clip-length {cfg.clip_length} is longer than the horizon {self.horizon}")
         self.human = learned and cfg.labeler == "human"
-        self.env = PreferenceEnv(make_env(cfg.env, self.horizon, render=self.human), keep_frames=cfg.pool_episodes)
-        self.agent = _make_agent(cfg, self.env, cfg.seed)
+        self.env = preference_env(cfg.env, self.horizon, cfg.n_envs, render=self.human, keep_frames=cfg.pool_episodes)
+        self.env.action_space.seed(cfg.seed)
+        # what the agent steps: the recorder, or the recorder seen through running normalisation
+        self.agent_env = VecNormalize(self.env, gamma=_rl_kwargs(cfg).get("gamma", 0.99)) if cfg.normalize \
+            else self.env
+        self.agent = _make_agent(cfg, self.agent_env, cfg.seed)
         self.agent.set_logger(Logger(None, []))  # heed logs its own metrics; SB3's default leaves a dir in /tmp
         self.eval_seeds = [10_000 + 100 * cfg.seed + i for i in range(cfg.eval_episodes)]
         self.t0, self.cpu0 = time.time(), time.process_time()
@@ -244,6 +311,8 @@ class AgentRun:
         self.random_queries = cfg.queries == "random" or cfg.no_ensemble
 
     def policy(self, obs):
+        if self.agent_env is not self.env:
+            obs = self.agent_env.normalize_obs(obs)  # the agent's statistics, frozen at this point
         return self.agent.predict(obs, deterministic=True)[0]
 
     def pool(self, episodes) -> list:
@@ -272,7 +341,9 @@ class AgentRun:
         """The agent, its replay buffer, the reward model, the labels, every rng, as the checkpoint left them."""
         from stable_baselines3.common.logger import Logger
 
-        self.agent = _agent_class(self.cfg).load(str(ckpt_dir / "agent.zip"), env=self.env, device="cpu")
+        if self.agent_env is not self.env:
+            self.agent_env = VecNormalize.load(str(ckpt_dir / "vec_normalize.pkl"), self.env)
+        self.agent = _agent_class(self.cfg).load(str(ckpt_dir / "agent.zip"), env=self.agent_env, device="cpu")
         self.agent.set_logger(Logger(None, []))
         if (ckpt_dir / "replay_buffer.pkl").exists():
             self.agent.load_replay_buffer(str(ckpt_dir / "replay_buffer.pkl"))
@@ -295,7 +366,13 @@ class AgentRun:
     def warm_up(self) -> None:
         cfg, run = self.cfg, self.run
         # 1. random actions, every episode recorded
-        self.agent.learn(cfg.initial_steps, reset_num_timesteps=False)
+        if cfg.algo in ("sac", "td3"):  # their learning_starts: uniform random actions into the replay buffer
+            self.agent.learn(cfg.initial_steps, reset_num_timesteps=False)
+        else:  # on-policy: the same uniform random actions, outside the agent; the steps count all the same
+            self.env.reset()
+            while self.env.steps < cfg.initial_steps:
+                self.env.step(np.stack([self.env.action_space.sample() for _ in range(self.env.num_envs)]))
+            self.agent.num_timesteps = self.env.steps
         self.bar.update(self.agent.num_timesteps)
         self.start = self.agent.num_timesteps  # PPO/A2C may overshoot --initial-steps by part of a rollout
         if not self.learned:
@@ -331,6 +408,7 @@ class AgentRun:
         # a. RL
         agent.learn(min(cfg.round_steps, cfg.total_timesteps - agent.num_timesteps), reset_num_timesteps=False)
         step = agent.num_timesteps
+        self.bar.total = max(self.bar.total, step)  # PPO/A2C end on a whole rollout, a little past the budget
         self.bar.update(step - last_step)
         fresh = self.env.since(last_step)
         row: dict = {f"{run}/wall_s": time.time() - self.t0}
@@ -374,7 +452,14 @@ class AgentRun:
             self.evals.append({"step": step, "labels_used": len(self.data), "return_mean": float(np.mean(returns)),
                                "return_std": float(np.std(returns))})
         self.logger.log(step, **row)
-        self.bar.set_postfix_str(f"eval {self.evals[-1]['return_mean']:.0f}" if self.evals else "")
+        # the bar: steps with rate and ETA; then labels used, the learned reward's correlation with the true
+        # one on this round's fresh clips, the training episodes' and the last evaluation's true return
+        shown = {"labels": f"{len(self.data)}/{cfg.labels}" if self.learned else None,
+                 "corr": row.get(f"{run}/rm_corr_clip"), "return": row.get(f"{run}/return_train"),
+                 "eval": self.evals[-1]["return_mean"] if self.evals else None}
+        self.bar.set_postfix_str(", ".join(
+            f"{k} {v if isinstance(v, str) else format(v, '.2f' if k == 'corr' else '.0f')}"
+            for k, v in shown.items() if v is not None))
 
     # -- g. the checkpoint of a round ---------------------------------------------------------------
     def checkpoint(self) -> Checkpoint:
@@ -390,12 +475,19 @@ class AgentRun:
     def finish(self) -> dict:
         self.bar.close()
         self.agent.save(str(self.out / f"policy_{self.run}_reward.zip"))
+        if self.agent_env is not self.env:
+            self.agent_env.save(str(self.out / f"vec_normalize_{self.run}_reward.pkl"))
         final = evaluate(self.policy, self.cfg.env, self.horizon, self.eval_seeds)
         result = {"eval_returns": [float(r) for r in final], "return_mean": float(np.mean(final)),
                   "return_std": float(np.std(final)), "env_steps": int(self.agent.num_timesteps),
                   "wall_s": round(time.time() - self.t0, 1),
                   "cpu_s": round(time.process_time() - self.cpu0, 1), "curve": self.evals}
         if self.learned:
+            # the learned reward against the true one on each round's fresh clips, before any was labelled
+            corr = [v for r in read_metrics(self.out)
+                    if (v := r.get("learned/rm_corr_clip")) is not None and not np.isnan(v)]
+            if corr:
+                result.update(rm_corr_clip_last=corr[-1], rm_corr_clip_mean=float(np.mean(corr)))
             result.update(labels_asked=self.asked, labels_used=len(self.data),
                           labels_skipped=getattr(self.labeler, "skipped", 0), labels_pending=self.labeler.pending)
         self.env.close()
@@ -517,6 +609,9 @@ def _print_summary(report: dict, out: Path) -> None:
             extra = f", {r['labels_used']} labels" if "labels_used" in r else ""
             extra += f", {r['wall_s']:.0f}s" if "wall_s" in r else ""
             lines.append(f"  {name:<15} {r['return_mean']:9.1f} ± {r['return_std']:.1f}{extra}")
+    if "rm_corr_clip_last" in report.get("learned", {}):
+        lines.append(f"  learned vs true reward on fresh clips: r = {report['learned']['rm_corr_clip_last']:.3f} "
+                     f"(last round), {report['learned']['rm_corr_clip_mean']:.3f} (mean over rounds)")
     if "normalised_score" in report:
         lines.append(f"  normalised score (learned - random) / (true - random) = {report['normalised_score']:.3f}; "
                      f"return ratio = {report['return_ratio']:.3f}")
