@@ -8,10 +8,10 @@ the agent is trained by RL (Stable-Baselines3) on the learned reward; new querie
 where the ensemble disagrees most.
 
 Files, in the order data flows:
-  envs.py          fixed-horizon wrapper, episode recorder that swaps in the learned reward
+  envs.py          fixed-horizon wrapper, vectorised episode recorder that swaps in the learned reward
   reward_model.py  the clip-sum Bradley-Terry loss and the normalised MLP ensemble
   queries.py       label schedule, clip-pair sampling, disagreement-based selection
   labelers.py      synthetic oracle, and people through the feedback app (animated GIFs)
-  cli.py           `heed control train`: the loop of the paper, top to bottom
+  train.py         `heed control train`: the loop of the paper, top to bottom
   report.py        report.json and a self-contained report.html
 """

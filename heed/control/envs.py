@@ -199,7 +199,10 @@ def make_env(env_id: str, horizon: int, *, render: bool = False) -> gym.Env:
     if render and "mujoco" not in sys.modules and "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
         os.environ["MUJOCO_GL"] = "egl"  # no display: MuJoCo's offscreen renderer (its default, GLFW, needs one)
     try:
-        env = gym.make(env_id, max_episode_steps=horizon, render_mode="rgb_array" if render else None)
+        size = {}
+        if render and "mujoco" in str(gym.spec(env_id).entry_point):
+            size = {"width": 160, "height": 160}  # the clips' size: no 480x480 frame rendered to be shrunk
+        env = gym.make(env_id, max_episode_steps=horizon, render_mode="rgb_array" if render else None, **size)
     except gym.error.Error as e:
         raise HeedError(f"cannot make environment {env_id!r}: {e}") from None
     except ImportError as e:
