@@ -21,7 +21,9 @@ The loop, as in the paper's Figure 1, run online:
 
 Departures from the paper:
 - The paper's policy optimisers were A2C (Atari) and TRPO (MuJoCo); the default here is
-  SAC (`--algo`, also td3, ppo, a2c), which is far more sample-efficient on a CPU budget.
+  SAC (`--algo`, also td3, ppo, a2c), which is far more sample-efficient on a CPU budget;
+  HalfCheetah defaults to PPO (ENV_DEFAULTS): SAC's gradient step per environment step is
+  too slow on 2 CPU cores for the 10^5 steps it needs there.
   Off-policy agents keep old transitions, so after every reward-model update the whole
   replay buffer is relabelled with the new reward (the paper, on-policy, never needed to).
 - The paper ran labelling and RL as asynchronous processes; here they alternate every
@@ -117,6 +119,12 @@ class ControlTrainConfig:
     threads: int = option(1, "torch CPU threads (small networks run fastest on one)")
     resume: bool = option(True, "continue from the checkpoint in --out when there is one (saved every round)")
 
+    @staticmethod
+    def defaults_for(given: dict) -> dict:
+        """ENV_DEFAULTS for the environment given (heed.config.build puts them under YAML and flags)."""
+        env = str(given.get("env") or "")
+        return next((dict(d) for prefix, d in ENV_DEFAULTS.items() if env.startswith(prefix)), {})
+
 
 # Defaults that learn on 2 CPU cores, per environment family (ids starting with the key); a YAML file
 # and flags override each one. HalfCheetah: PPO with RL Baselines3 Zoo's published hyperparameters for
@@ -132,13 +140,6 @@ ENV_DEFAULTS: dict[str, dict] = {
         eval_every=50_000),
 }
 
-
-def _defaults_for(given: dict) -> dict:
-    env = str(given.get("env") or "")
-    return next((dict(d) for prefix, d in ENV_DEFAULTS.items() if env.startswith(prefix)), {})
-
-
-ControlTrainConfig.defaults_for = staticmethod(_defaults_for)
 
 ACTIVATIONS = {"relu": "ReLU", "tanh": "Tanh", "elu": "ELU", "leaky_relu": "LeakyReLU"}
 
