@@ -31,14 +31,12 @@ a constraints file, imitation 1.0.1 and the versions it accepts (gymnasium 0.29.
 model and reward (an open-loop 1,000-step rollout from the same seed gives the same return in both
 to 1e-8); the table says so.
 
-How long, in CPU minutes of one process with one torch thread (wall time is longer on a shared
-machine; runs go one at a time). heed on Pendulum: about 5 per preference agent, 3 for the
-true-reward agent (docs/control.md). imitation, extrapolated from the smoke runs and a timing of its
-parts (its reward training runs every pair of fragments through the nets one at a time, about 2 ms per
-pair per member per epoch, and by default trains 200x the usual 3 epochs on the initial comparisons):
-Pendulum about 9 / 14 / 25 for 350 / 700 / 1400 comparisons; HalfCheetah about 20 / 30 / 50 (of which
-PPO's 200k steps are some 10). heed on HalfCheetah at 200k steps has not been timed yet (PPO alone,
-about 400 steps a second, is some 8). The whole default grid is roughly 4-6 hours.
+How long, in CPU minutes of one process with one torch thread, as measured for docs/control.md
+(wall time is about twice that on a shared 2-core machine). heed: Pendulum 2.5-3 per preference
+agent, HalfCheetah 14 (PPO, 200k steps) and 10 for the true-reward agent. imitation: Pendulum 12 / 19
+/ 35 for 350 / 700 / 1400 comparisons, HalfCheetah 55 at 1400 (its reward training runs every pair of
+fragments through the nets one at a time, and by default trains each member 200x the usual 3 epochs
+on the initial comparisons). The whole default grid is some 4 hours of CPU.
 
 Resumable: a (tool, env, budget) whose result JSON exists is skipped; a killed heed run continues
 from its last checkpoint (heed's own resume); a killed imitation run starts again (imitation has no
